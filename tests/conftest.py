@@ -1,0 +1,64 @@
+"""Shared fixtures: the embedded model (loaded once per session), tiny random models of
+every registered architecture, and the shared offline data directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the repository (CI fails early if it is missing)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, fp32 on CPU.
+
+    Tests must not modify its weights (or must restore them exactly).
+    """
+    from editdecay import load_model
+
+    torch.manual_seed(0)
+    return load_model(device="cpu")
+
+
+TINY_CONFIGS = {
+    "gpt2": lambda: __import__("transformers").GPT2Config(
+        n_layer=3, n_embd=32, n_head=4, n_inner=64, vocab_size=101, n_positions=64, bos_token_id=1, eos_token_id=1),
+    "gptj": lambda: __import__("transformers").GPTJConfig(
+        n_layer=3, n_embd=32, n_head=4, n_inner=64, rotary_dim=4, vocab_size=101, n_positions=64, bos_token_id=1, eos_token_id=1),
+    "gpt_neox": lambda: __import__("transformers").GPTNeoXConfig(
+        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+        vocab_size=101, max_position_embeddings=64, bos_token_id=1, eos_token_id=1),
+    "llama": lambda: __import__("transformers").LlamaConfig(
+        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=101, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=1, eos_token_id=1),
+    "mistral": lambda: __import__("transformers").MistralConfig(
+        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=101, max_position_embeddings=64, bos_token_id=1, eos_token_id=1),
+    "qwen2": lambda: __import__("transformers").Qwen2Config(
+        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=101, max_position_embeddings=64, bos_token_id=1, eos_token_id=1),
+    "qwen3": lambda: __import__("transformers").Qwen3Config(
+        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, intermediate_size=64, vocab_size=101, max_position_embeddings=64, bos_token_id=1, eos_token_id=1),
+}
+
+
+def make_tiny_model(model_type: str, seed: int = 0):
+    """A tiny randomly initialised causal LM of ``model_type`` (no downloads)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[model_type]())
+    return model.eval()
