@@ -21,6 +21,20 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def selection_cache(tmp_path_factory) -> Path:
+    """A cache root shared by the tests that run the confidence filter on the built-in
+    facts: the first computes it from scratch, the others hit it. Model weights come
+    from the user's cache (linked in), so pointing $EDITDECAY_CACHE here stays cheap."""
+    from editdecay.cache import cache_root
+
+    root = tmp_path_factory.mktemp("editdecay-cache")
+    models = cache_root() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    (root / "models").symlink_to(models, target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="session")
 def embedded():
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, fp32 on CPU.
 

@@ -39,3 +39,70 @@ def test_probe_json_schema(embedded):
 def test_probe_table(embedded):
     r = runner.invoke(app, ["probe", "The capital of France is"])
     assert r.exit_code == 0 and "Paris" in r.output
+
+
+def test_facts_score_json_schema(embedded, tmp_path):
+    from editdecay.facts.datasets import write_facts
+    from editdecay.facts.record import FactRecord, Neighbor
+
+    facts = [
+        FactRecord("paris", "France", "The capital of {} is", "London", "Paris", "P36",
+                   ("France's capital city is",), (Neighbor("The capital of Belgium is", "Brussels"),)),
+        FactRecord("rome", "Italy", "The capital of {} is", "Berlin", "Rome", "P36"),
+    ]
+    path = tmp_path / "facts.jsonl"
+    write_facts(facts, path)
+    r = runner.invoke(app, ["facts", "score", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert set(doc) == {"n_facts", "mode", "retention_true", "retention_new", "es", "ps", "ns", "facts"}
+    assert doc["n_facts"] == 2 and doc["mode"] == "greedy"
+    assert doc["retention_true"] == 1.0 and doc["retention_new"] == 0.0 and doc["es"] == 0.0
+    assert [f["case_id"] for f in doc["facts"]] == ["paris", "rome"]
+    assert doc["facts"][1]["ps"] is None  # no paraphrases: undefined, not zero
+
+
+def test_facts_score_counterfact_file(embedded, shared_data):
+    r = runner.invoke(app, ["facts", "score", str(shared_data / "counterfact" / "counterfact-val.json"),
+                            "--limit", "16", "--json", "--mode", "masked_argmax"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["n_facts"] == 16 and doc["mode"] == "masked_argmax"
+    assert all(0 <= doc[k] <= 1 for k in ("retention_true", "retention_new", "es", "ps", "ns"))
+
+
+def test_facts_score_zsre_file(embedded, shared_data):
+    r = runner.invoke(app, ["facts", "score", str(shared_data / "zsre" / "zsre_mend_train-1k.json"),
+                            "--limit", "8", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["retention_true"] is None  # memit preset has no true target
+    assert 0 <= doc["es"] <= 1 and 0 <= doc["ns"] <= 1
+
+
+def test_facts_select_needs_data_for_counterfact(tmp_path):
+    from editdecay.cli import main
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "editdecay", "facts", "select", "--dataset", "counterfact",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: --data PATH is required for --dataset counterfact (a file or a directory of JSON files)"
+
+
+def test_facts_select_builtin_writes_sets(embedded, tmp_path, selection_cache, monkeypatch):
+    from editdecay.facts.datasets import load_facts
+
+    monkeypatch.setenv("EDITDECAY_CACHE", str(selection_cache))
+    out = tmp_path / "sel"
+    r = runner.invoke(app, ["facts", "select", "--dataset", "builtin", "--n-edit", "8", "--n-intrinsic", "16",
+                            "--seed", "1", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    stats = json.loads(r.stdout)
+    assert stats == json.loads((out / "selection.json").read_text())
+    assert stats["edit"]["n"] == 8 and stats["intrinsic"]["n"] == 16 and stats["mode"] == "greedy"
+    edit, intr = load_facts(out / "edit.jsonl"), load_facts(out / "intrinsic.jsonl")
+    assert len(edit) == 8 and len(intr) == 16
+    assert not ({f.subject for f in edit} & {f.subject for f in intr})
+    assert sorted(p.name for p in out.iterdir()) == ["edit.jsonl", "intrinsic.jsonl", "selection.json"]

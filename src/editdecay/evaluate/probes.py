@@ -14,11 +14,13 @@ Special tokens (EOS, chat markers) are never stop tokens: they end the search.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..facts.stopwords import is_stop_text, load_stopwords
 
@@ -48,11 +50,35 @@ class GreedyToken:
     """Stop tokens appended before the non-stop one."""
 
 
+PROBE_MODES = ("greedy", "masked_argmax")
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    """Teacher-forced score of a target continuation."""
+
+    logprobs: tuple[float, ...]
+    """log p of each target token given the context and the target tokens before it."""
+    argmax: tuple[bool, ...]
+    """Whether each target token is the model's argmax at its position."""
+
+    @property
+    def mean_nll(self) -> float:
+        return -sum(self.logprobs) / len(self.logprobs)
+
+    @property
+    def token_accuracy(self) -> float:
+        return sum(self.argmax) / len(self.argmax)
+
+
 @dataclass(frozen=True)
 class ProbeResult:
     prompt: str
     top: list[TopToken]
+    """Top-k raw next tokens at the first position."""
     first_non_stop: GreedyToken
+    extra: Any = None
+    """What ``at_decision`` returned for this prompt (None if not given or capped)."""
 
 
 def stop_token_mask(tokenizer, vocab_size: int, words: frozenset[str] | None = None) -> torch.Tensor:
@@ -84,11 +110,13 @@ class Prober:
         batch_size: int = 32,
         max_steps: int = 8,
         stopwords: frozenset[str] | None = None,
+        progress: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_steps = max_steps
+        self.progress = progress
         self.stopwords = load_stopwords() if stopwords is None else stopwords
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.stop_mask = stop_token_mask(tokenizer, self.vocab_size, self.stopwords)
@@ -98,76 +126,143 @@ class Prober:
         """Token ids of each prompt (tokenizer defaults, no padding)."""
         return [list(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
 
-    @torch.inference_mode()
-    def last_logits(self, seqs: Sequence[Sequence[int]]) -> Iterator[tuple[list[int], torch.Tensor]]:
-        """Yield ``(indices, logits)`` per batch: fp32 next-token logits [b, V] of
-        ``seqs[indices]`` at their last token. Batches group similar lengths."""
+    def _batches(self, seqs: Sequence[Sequence[int]], desc: str = "") -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield ``(indices, ids, mask, lengths)``: right-padded batches of similar length
+        (a progress bar on stderr when ``desc`` is given and there are many batches)."""
         device = self.model.get_output_embeddings().weight.device
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for start in range(0, len(order), self.batch_size):
+        starts = range(0, len(order), self.batch_size)
+        show = bool(desc) and self.progress and len(starts) >= 8
+        for start in tqdm(starts, desc=desc, unit="batch", disable=not show, leave=False):
             idx = order[start : start + self.batch_size]
             lengths = torch.tensor([len(seqs[i]) for i in idx])
             if int(lengths.min()) == 0:
                 raise ValueError("cannot probe an empty prompt")
-            width = int(lengths.max())
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            ids = torch.full((len(idx), int(lengths.max())), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
             for r, i in enumerate(idx):
                 ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
                 mask[r, : len(seqs[i])] = 1
-            hidden = self._final_hidden(ids.to(device), mask.to(device))
-            last = hidden[torch.arange(len(idx), device=device), (lengths - 1).to(device)]
-            logits = self.model.get_output_embeddings()(last).float()
-            yield idx, logits
+            yield idx, ids.to(device), mask.to(device), lengths.to(device)
 
-    def _final_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Final (normed) hidden states [b, t, d] from the base model."""
-        out = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-        return out.last_hidden_state
+    @torch.inference_mode()
+    def last_logits(self, seqs: Sequence[Sequence[int]]) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """Yield ``(indices, logits)`` per batch: fp32 next-token logits [b, V] of
+        ``seqs[indices]`` at their last token."""
+        for idx, ids, mask, lengths in self._batches(seqs, desc="forward"):
+            out = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+            last = out.last_hidden_state[torch.arange(len(idx), device=ids.device), lengths - 1]
+            yield idx, self.model.get_output_embeddings()(last).float()
 
-    # --- probes ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score_targets(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list["TargetScore"]:
+        """Teacher-forced scores of each ``(context_ids, target_ids)`` pair: per target
+        token its log-probability and whether it is the argmax. One forward per batch;
+        only target positions go through the unembedding."""
+        seqs = [list(c) + list(t) for c, t in pairs]
+        for j, (c, t) in enumerate(pairs):
+            if not c or not t:
+                raise ValueError(f"pair {j}: context and target must be non-empty")
+        out: list[TargetScore | None] = [None] * len(pairs)
+        unembed = self.model.get_output_embeddings()
+        for idx, ids, mask, _ in self._batches(seqs, desc="score targets"):
+            rows, cols, tgts = [], [], []
+            for r, i in enumerate(idx):
+                n_ctx, n_tgt = len(pairs[i][0]), len(pairs[i][1])
+                rows += [r] * n_tgt
+                cols += range(n_ctx - 1, n_ctx + n_tgt - 1)
+                tgts += list(pairs[i][1])
+            hidden = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            h = hidden[torch.tensor(rows, device=ids.device), torch.tensor(cols, device=ids.device)]
+            logp = unembed(h).float().log_softmax(-1)
+            t = torch.tensor(tgts, device=ids.device)
+            lp = logp.gather(1, t[:, None])[:, 0].tolist()
+            ok = (logp.argmax(-1) == t).tolist()
+            pos = 0
+            for i in idx:
+                n = len(pairs[i][1])
+                out[i] = TargetScore(tuple(lp[pos : pos + n]), tuple(ok[pos : pos + n]))
+                pos += n
+        return out  # type: ignore[return-value]
+
     def top_k(self, prompts: Sequence[str], k: int = 5) -> list[list[TopToken]]:
         """The ``k`` most probable next tokens of each prompt."""
         return [r.top for r in self.probe(prompts, k)]
 
-    def first_non_stop(self, prompts: Sequence[str]) -> list[GreedyToken]:
-        """The first non-stop token of greedy decoding for each prompt."""
-        return [r.first_non_stop for r in self.probe(prompts, 0)]
+    def first_non_stop(self, prompts: Sequence[str], mode: str = "greedy") -> list[GreedyToken]:
+        """The first non-stop token of each prompt (``greedy`` or ``masked_argmax``)."""
+        return [r.first_non_stop for r in self.probe(prompts, 0, mode=mode)]
 
-    def probe(self, prompts: Sequence[str], k: int = 5) -> list[ProbeResult]:
-        """Top-k next tokens and the greedy first non-stop token, one pass per step."""
-        seqs = self.encode(prompts)
+    @torch.inference_mode()
+    def probe(
+        self,
+        prompts: Sequence[str],
+        k: int = 5,
+        *,
+        mode: str = "greedy",
+        at_decision: Callable[[int, torch.Tensor], Any] | None = None,
+        seqs: Sequence[Sequence[int]] | None = None,
+    ) -> list[ProbeResult]:
+        """Top-k next tokens and the first non-stop token of each prompt.
+
+        ``mode``: ``greedy`` (decode on through stop tokens) or ``masked_argmax``
+        (argmax over non-stop tokens at the first position). Greedy steps after the
+        first feed one token per prompt through the batch's KV cache (the prompt is
+        never recomputed) and stop as soon as no prompt of the batch still runs.
+        ``at_decision(i, probs)``, if given, is called with prompt ``i``'s full
+        next-token distribution at the position where its first non-stop token was
+        decided (not for capped prompts); its results land in ``ProbeResult.extra``.
+        ``seqs`` overrides the tokenisation of ``prompts``.
+        """
+        if mode not in PROBE_MODES:
+            raise ValueError(f"unknown probe mode {mode!r}: use one of {', '.join(PROBE_MODES)}")
+        seqs = self.encode(prompts) if seqs is None else [list(x) for x in seqs]
         tops: list[list[TopToken]] = [[] for _ in seqs]
-        greedy: list[GreedyToken | None] = [None] * len(seqs)
-        running: dict[int, list[int]] = {}  # prompt index -> stop tokens appended so far
-        for idx, logits in self.last_logits(seqs):
+        decided: list[GreedyToken | None] = [None] * len(seqs)
+        extra: list[Any] = [None] * len(seqs)
+        unembed = self.model.get_output_embeddings()
+        stop_mask = self.stop_mask.to(unembed.weight.device)
+        for idx, ids, mask, lengths in self._batches(seqs, desc=f"probe ({mode})"):
+            rows = torch.arange(len(idx), device=ids.device)
+            out = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=mode == "greedy")
+            probs = unembed(out.last_hidden_state[rows, lengths - 1]).float().softmax(-1)
             if k > 0:
-                probs = logits.softmax(-1)
                 p, t = probs.topk(min(k, probs.shape[-1]), dim=-1)
                 for r, i in enumerate(idx):
-                    ids = t[r].tolist()
-                    texts = self.tokenizer.batch_decode([[j] for j in ids])
-                    tops[i] = [TopToken(j, s, float(q)) for j, s, q in zip(ids, texts, p[r].tolist())]
-            self._greedy_step(idx, logits, running, greedy)
-        step = 1
-        while running and step < self.max_steps:
-            step += 1
-            keys = list(running)
-            ext = [seqs[i] + running[i] for i in keys]
-            for idx, logits in self.last_logits(ext):
-                self._greedy_step([keys[j] for j in idx], logits, running, greedy)
-        for i, prefix in running.items():
-            greedy[i] = GreedyToken(None, "", len(prefix), True, tuple(prefix))
-        return [ProbeResult(p, t, g) for p, t, g in zip(prompts, tops, greedy)]
-
-    def _greedy_step(self, idx: list[int], logits: torch.Tensor, running: dict, greedy: list) -> None:
-        arg = logits.argmax(-1).tolist()
-        for i, tok_id in zip(idx, arg):
-            prefix = running.get(i, [])
-            if self.stop_mask[tok_id]:
-                running[i] = prefix + [tok_id]
-            else:
-                running.pop(i, None)
-                text = self.tokenizer.decode([tok_id])
-                greedy[i] = GreedyToken(tok_id, text, len(prefix) + 1, False, tuple(prefix))
+                    tids = t[r].tolist()
+                    texts = self.tokenizer.batch_decode([[j] for j in tids])
+                    tops[i] = [TopToken(j, x, float(q)) for j, x, q in zip(tids, texts, p[r].tolist())]
+            if mode == "masked_argmax":
+                choice = probs.masked_fill(stop_mask, -1.0).argmax(-1).tolist()
+                for r, (i, tok_id) in enumerate(zip(idx, choice)):
+                    decided[i] = GreedyToken(tok_id, self.tokenizer.decode([tok_id]), 1, False)
+                    if at_decision is not None:
+                        extra[i] = at_decision(i, probs[r])
+                continue
+            prefix: list[list[int]] = [[] for _ in idx]
+            running = set(range(len(idx)))
+            pad = ids[0, 0].new_tensor(self.tokenizer.pad_token_id or 0)
+            for step in range(1, self.max_steps + 1):
+                arg = probs.argmax(-1).tolist()
+                for r in sorted(running):
+                    if stop_mask[arg[r]]:
+                        prefix[r].append(arg[r])
+                    else:
+                        running.discard(r)
+                        i = idx[r]
+                        decided[i] = GreedyToken(arg[r], self.tokenizer.decode([arg[r]]), step, False, tuple(prefix[r]))
+                        if at_decision is not None:
+                            extra[i] = at_decision(i, probs[r])
+                if not running or step == self.max_steps:
+                    break
+                # one more token per prompt through the cache (finished rows feed a pad, ignored)
+                nxt = torch.stack([ids.new_tensor(prefix[r][-1]) if r in running else pad for r in range(len(idx))])
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                pos = (lengths + step - 1)[:, None]
+                out = self.model.base_model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                                            past_key_values=out.past_key_values, use_cache=True)
+                probs = unembed(out.last_hidden_state[:, -1]).float().softmax(-1)
+            for r in running:
+                decided[idx[r]] = GreedyToken(None, "", len(prefix[r]), True, tuple(prefix[r]))
+        return [ProbeResult(p, t, g, e) for p, t, g, e in zip(prompts, tops, decided, extra)]

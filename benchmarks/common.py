@@ -1,0 +1,39 @@
+"""Helpers shared by the benchmarks: timing, machine peak, prompt sources."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def best_of(fn, repeat: int = 3) -> float:
+    """Smallest wall time of ``repeat`` calls (seconds)."""
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def measured_fp32_peak(n: int = 2048, repeat: int = 5) -> float:
+    """GFLOP/s of a large fp32 matmul on this machine (a practical peak, not the nominal one)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    t = best_of(lambda: a @ b, repeat)
+    return 2 * n**3 / t / 1e9
+
+
+def prompts(n: int) -> tuple[str, list[str]]:
+    """(source name, n fact prompts): CounterFact from ../shared when present, else built-in facts."""
+    from editdecay.facts.datasets import load_facts
+
+    cf = SHARED / "counterfact" / "counterfact-val.json"
+    if cf.exists():
+        return "counterfact-val", [f.text for f in load_facts(cf)[:n]]
+    return "builtin", [f.text for f in load_facts("", format="builtin")[:n]]
