@@ -69,10 +69,14 @@ TINY_CONFIGS = {
 }
 
 
-def make_tiny_model(model_type: str, seed: int = 0):
-    """A tiny randomly initialised causal LM of ``model_type`` (no downloads)."""
+def make_tiny_model(model_type: str, seed: int = 0, **config):
+    """A tiny randomly initialised causal LM of ``model_type`` (no downloads);
+    ``config`` overrides config fields (e.g. ``initializer_range``)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[model_type]())
+    cfg = TINY_CONFIGS[model_type]()
+    for k, v in config.items():
+        setattr(cfg, k, v)
+    model = AutoModelForCausalLM.from_config(cfg)
     return model.eval()

@@ -194,7 +194,20 @@ def _dequantise(path: Path):
     return model, tok
 
 
-def _save_fp32(model: nn.Module, tok, out: Path, meta: dict) -> None:
+def save_model(model: nn.Module, tokenizer, out: str | os.PathLike, meta: dict | None = None) -> Path:
+    """Write a loadable model directory (config, tokenizer, safetensors weights in their
+    current dtype, ``identity.json``) atomically; returns its path."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ModelLoadError(f"cannot save the model to {out}: the directory is not empty")
+    if out.exists():
+        out.rmdir()
+    with atomic_dir(out) as tmp:
+        _save_fp32(model, tokenizer, tmp, {"identity": model_identity(model), **(meta or {})}, keep_dtype=True)
+    return out
+
+
+def _save_fp32(model: nn.Module, tok, out: Path, meta: dict, keep_dtype: bool = False) -> None:
     """Write config, tokenizer and fp32 weights (shared tensors stored once)."""
     from safetensors.torch import save_file
 
@@ -205,7 +218,7 @@ def _save_fp32(model: nn.Module, tok, out: Path, meta: dict) -> None:
         if ptr in seen:  # tied weights: keep the first name (the embedding)
             continue
         seen[ptr] = k
-        tensors[k] = v.detach().to(torch.float32).contiguous()
+        tensors[k] = (v.detach() if keep_dtype else v.detach().to(torch.float32)).cpu().contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     model.config.save_pretrained(str(out))
     tok.save_pretrained(str(out))

@@ -1,0 +1,387 @@
+"""The shared core of locate-then-edit editors (ROME, MEMIT, AlphaEdit).
+
+- :func:`context_templates`: "{}" plus prefixes sampled from the model (top-k 5),
+  seeded, generated once per editor object.
+- :func:`subject_positions` / :func:`module_io_at`: the subject's last token in a
+  prompt, and the input (key k) and output of a module there, batched.
+- :func:`optimise_targets`: the target vectors z = h + δ of several requests in ONE
+  optimisation (independent δ per request), with the reference loss: mean NLL of the
+  target tokens over all context templates + kl_factor·KL(p_cur ‖ p_init) at the
+  subject's last token of "{} is a" + v_weight_decay·‖δ‖/‖h_init‖²; Adam(v_lr); after
+  each step ‖δ‖ ≤ clamp_norm_factor·‖h_init‖; a request stops when its loss falls
+  below ``loss_threshold`` (its δ is frozen) or after ``steps``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..evaluate.metrics import split_target
+from ..facts.record import FactRecord
+from ..models.arch import get_arch
+from .base import RequestLog
+
+log = logging.getLogger(__name__)
+
+SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
+
+
+def context_templates(model: nn.Module, tokenizer, length_params: Sequence[Sequence[int]], seed: int = 0) -> list[str]:
+    """``["{}"]`` plus, for each ``(length, n)``, ``n`` prefixes of about ``length``
+    tokens sampled (top-k 5) from the seed words, each followed by ". {}"."""
+    out = ["{}"]
+    device = model.get_output_embeddings().weight.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)
+        for length, n in length_params:
+            per = [n // len(SEED_WORDS) + (1 if i < n % len(SEED_WORDS) else 0) for i in range(len(SEED_WORDS))]
+            for word, k in zip(SEED_WORDS, per):
+                if k == 0:
+                    continue
+                ids = tokenizer(word, return_tensors="pt")["input_ids"].to(device)
+                gen = model.generate(
+                    ids, do_sample=True, top_k=5, max_new_tokens=max(1, length - ids.shape[1]),
+                    num_return_sequences=k, pad_token_id=tokenizer.pad_token_id,
+                    attention_mask=torch.ones_like(ids),
+                )
+                for g in gen:
+                    text = tokenizer.decode(g, skip_special_tokens=True)
+                    out.append(text.replace("{", " ").replace("}", " ") + ". {}")
+    return out
+
+
+def fill(template: str, prompt: str, subject: str) -> tuple[str, int]:
+    """Compose a context template with a fact prompt and fill in the subject.
+
+    Returns the text and the character offset just past the subject."""
+    full = template.replace("{}", prompt, 1)
+    pos = full.index("{}")
+    return full.replace("{}", subject, 1), pos + len(subject)
+
+
+def subject_last_index(tokenizer, text: str, end: int) -> int:
+    """Index of the subject's last token: the last token of ``tok(text[:end])``."""
+    n = len(tokenizer(text[:end])["input_ids"])
+    if n == 0:
+        raise ValueError(f"empty subject prefix in {text!r}")
+    return n - 1
+
+
+class _Stop(Exception):
+    pass
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(list(s))
+        mask[r, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def module_io_at(
+    model: nn.Module, tokenizer, module_name: str, texts: Sequence[str], positions: Sequence[int], *, batch_size: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and output of ``module_name`` at one token position of each text
+    (fp32, [n, d_in] and [n, d_out]). The forward stops right after the module."""
+    module = model.get_submodule(module_name)
+    device = model.get_output_embeddings().weight.device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ins, outs = [], []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        pos = torch.tensor(positions[start : start + batch_size], device=device)
+        ids, mask = _pad([tokenizer(t)["input_ids"] for t in chunk], pad, device)
+        got = {}
+
+        def hook(m, args, out):
+            rows = torch.arange(len(chunk), device=device)
+            got["in"] = args[0][rows, pos].float()
+            got["out"] = out[rows, pos].float()
+            raise _Stop
+
+        h = module.register_forward_hook(hook)
+        try:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            h.remove()
+        ins.append(got["in"])
+        outs.append(got["out"])
+    return torch.cat(ins), torch.cat(outs)
+
+
+def template_keys(
+    model: nn.Module, tokenizer, requests: Sequence[FactRecord], templates: Sequence[str], layer: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys of the rewrite module of ``layer`` at each request's subject-last token.
+
+    Returns ``(k_star, k_plain, out_plain)``: the key averaged over "{}" and ``templates``
+    [R, d_k], and the key and rewrite-module output of the plain prompt (template
+    "{}") [R, d_k], [R, d_out]."""
+    spec = get_arch(model)
+    texts, positions = [], []
+    for req in requests:
+        for t in ["{}", *templates]:
+            text, end = fill(t, req.prompt, req.subject)
+            texts.append(text)
+            positions.append(subject_last_index(tokenizer, text, end))
+    k_in, k_out = module_io_at(model, tokenizer, spec.rewrite_module_name(layer), texts, positions)
+    n = len(templates) + 1
+    k_in = k_in.view(len(requests), n, -1)
+    k_out = k_out.view(len(requests), n, -1)
+    return k_in.mean(1), k_in[:, 0], k_out[:, 0]
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """Settings of the target-vector optimisation (see the module docstring)."""
+
+    layer: int
+    point: str = "mlp_out"
+    """Where δ is added: 'mlp_out' (output of the rewrite module, ROME) or 'block'
+    (residual stream after the block, MEMIT/AlphaEdit)."""
+    steps: int = 20
+    lr: float = 0.5
+    clamp_norm_factor: float = 4.0
+    weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    loss_threshold: float = 5e-2
+    kl_prompts: tuple[str, ...] = ("{} is a",)
+    batch_rows: int = 256
+    """Rows (prompts) per forward/backward chunk; gradients are accumulated."""
+    cache_prefix: bool = True
+    """Run the tokens before the subject's last token once into a KV cache (they do
+    not depend on δ) and feed only the rest at each step."""
+
+
+@dataclass
+class _Rows:
+    ids: list[list[int]]
+    subj: list[int]
+    req: list[int]
+    tgt_pos: list[list[int]]
+    tgt_ids: list[list[int]]
+    is_kl: list[bool]
+    n_templates: int
+
+
+def _build_rows(tokenizer, requests: Sequence[FactRecord], templates: Sequence[str], kl_prompts) -> _Rows:
+    rows = _Rows([], [], [], [], [], [], len(templates))
+    for r, req in enumerate(requests):
+        for t in templates:
+            text, end = fill(t, req.prompt, req.subject)
+            ctx, tgt = split_target(tokenizer, text, req.target_new)
+            subj = subject_last_index(tokenizer, text, end)
+            if subj >= len(ctx):
+                raise ValueError(f"request {req.case_id}: subject not found before the target in {text!r}")
+            rows.ids.append(ctx + tgt[:-1])
+            rows.subj.append(subj)
+            rows.req.append(r)
+            rows.tgt_pos.append(list(range(len(ctx) - 1, len(ctx) + len(tgt) - 1)))
+            rows.tgt_ids.append(tgt)
+            rows.is_kl.append(False)
+        for kp in kl_prompts:
+            text, end = fill(kp, "{}", req.subject)
+            rows.ids.append(tokenizer(text)["input_ids"])
+            rows.subj.append(subject_last_index(tokenizer, text, end))
+            rows.req.append(r)
+            rows.tgt_pos.append([])
+            rows.tgt_ids.append([])
+            rows.is_kl.append(True)
+    return rows
+
+
+@dataclass
+class _Chunk:
+    """One forward unit of rows; positions are relative to what is fed each step."""
+
+    rows: list[int]
+    ids: torch.Tensor
+    mask: torch.Tensor
+    position_ids: torch.Tensor | None
+    cache: object | None
+    edit_col: torch.Tensor
+    sel_rows: torch.Tensor
+    sel_cols: torch.Tensor
+    counts: list[int]
+
+
+def _prepare_chunks(model, rows: _Rows, order: list[int], cfg: "TargetConfig", pad: int, device) -> list[_Chunk]:
+    chunks = []
+    for start in range(0, len(order), cfg.batch_rows):
+        idx = order[start : start + cfg.batch_rows]
+        split = [rows.subj[i] if cfg.cache_prefix else 0 for i in idx]
+        cache = None
+        pre_mask = torch.zeros(len(idx), 0, dtype=torch.long, device=device)
+        if cfg.cache_prefix:
+            # positions before the subject's last token never depend on δ: run them once
+            width = max(split)
+            pre_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            pre_mask = torch.zeros_like(pre_ids)
+            for r, (i, k) in enumerate(zip(idx, split)):
+                if k:
+                    pre_ids[r, width - k :] = torch.tensor(rows.ids[i][:k])
+                    pre_mask[r, width - k :] = 1
+            pre_ids, pre_mask = pre_ids.to(device), pre_mask.to(device)
+            if width:
+                with torch.no_grad():
+                    pos = (pre_mask.cumsum(1) - 1).clamp_min(0)
+                    cache = model.base_model(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pos,
+                                             use_cache=True).past_key_values
+        suffix = [rows.ids[i][k:] for i, k in zip(idx, split)]
+        ids, mask = _pad(suffix, pad, device)
+        position_ids = None
+        if cfg.cache_prefix:
+            position_ids = torch.tensor(split, device=device)[:, None] + torch.arange(ids.shape[1], device=device)[None]
+            mask = torch.cat([pre_mask, mask], dim=1)
+        sel_r, sel_c, counts = [], [], []
+        for r, (i, k) in enumerate(zip(idx, split)):
+            pos = [rows.subj[i]] if rows.is_kl[i] else rows.tgt_pos[i]
+            sel_r += [r] * len(pos)
+            sel_c += [p - k for p in pos]
+            counts.append(len(pos))
+        chunks.append(_Chunk(
+            idx, ids, mask, position_ids, cache,
+            torch.tensor([rows.subj[i] - k for i, k in zip(idx, split)], device=device),
+            torch.tensor(sel_r, device=device), torch.tensor(sel_c, device=device), counts,
+        ))
+    return chunks
+
+
+def optimise_targets(
+    model: nn.Module, tokenizer, requests: Sequence[FactRecord], templates: Sequence[str], cfg: TargetConfig
+) -> tuple[torch.Tensor, torch.Tensor, list[RequestLog]]:
+    """Optimise one δ per request, all requests in one loop.
+
+    Returns ``(z, h_init, logs)``: z = h_init + δ [R, d] (fp32), h_init the original
+    value at the edit point on the plain prompt (template "{}", which must be first),
+    and a log per request."""
+    if templates[0] != "{}":
+        raise ValueError('the first context template must be "{}"')
+    spec = get_arch(model)
+    device = model.get_output_embeddings().weight.device
+    point = spec.rewrite_module_name(cfg.layer) if cfg.point == "mlp_out" else spec.block_name(cfg.layer)
+    if cfg.point not in ("mlp_out", "block"):
+        raise ValueError(f"unknown edit point {cfg.point!r}")
+    module = model.get_submodule(point)
+    rows = _build_rows(tokenizer, requests, templates, cfg.kl_prompts)
+    n_req = len(requests)
+    n_kl = len(cfg.kl_prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(rows.ids)), key=lambda i: (len(rows.ids[i]) - (rows.subj[i] if cfg.cache_prefix else 0)))
+    unembed = model.get_output_embeddings()
+
+    if cfg.point == "mlp_out":
+        d = spec.weight_out_in(module).shape[0]
+    else:
+        d = model.get_input_embeddings().weight.shape[1]
+    delta = torch.zeros(n_req, d, device=device, requires_grad=True)
+    h_init = torch.zeros(n_req, d, device=device)
+    kl_init: dict[int, torch.Tensor] = {}
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    done = torch.zeros(n_req, dtype=torch.bool)
+    logs = [RequestLog(req.case_id) for req in requests]
+    first = [True]
+    req_rows_first = {r: next(i for i in range(len(rows.ids)) if rows.req[i] == r and not rows.is_kl[i]) for r in range(n_req)}
+
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        chunks = _prepare_chunks(model, rows, order, cfg, pad, device)
+        for it in range(cfg.steps):
+            opt.zero_grad()
+            losses = torch.zeros(n_req, device=device)
+            for ch in chunks:
+                chunk = ch.rows
+                b = torch.arange(len(chunk), device=device)
+                req_of = torch.tensor([rows.req[i] for i in chunk], device=device)
+
+                def hook(m, args, out, ch=ch, chunk=chunk, b=b, req_of=req_of):
+                    h = out[0] if isinstance(out, tuple) else out
+                    if first[0]:
+                        for j, i in enumerate(chunk):
+                            if i == req_rows_first[rows.req[i]]:
+                                h_init[rows.req[i]] = h[j, ch.edit_col[j]].detach().float()
+                    h = h.index_put((b, ch.edit_col), delta[req_of].to(h.dtype), accumulate=True)
+                    return (h, *out[1:]) if isinstance(out, tuple) else h
+
+                handle = module.register_forward_hook(hook)
+                try:
+                    kwargs = {}
+                    if ch.cache is not None:
+                        kwargs = dict(past_key_values=copy.deepcopy(ch.cache), use_cache=True)
+                    else:
+                        kwargs = dict(use_cache=False)
+                    if ch.position_ids is not None:
+                        kwargs["position_ids"] = ch.position_ids
+                    hidden = model.base_model(input_ids=ch.ids, attention_mask=ch.mask, **kwargs).last_hidden_state
+                finally:
+                    handle.remove()
+                # logits only where needed: target positions and KL positions
+                logp = unembed(hidden[ch.sel_rows, ch.sel_cols]).float().log_softmax(-1)
+                chunk_loss = torch.zeros(n_req, device=device)
+                at = 0
+                for j, i in enumerate(chunk):
+                    n = ch.counts[j]
+                    lp = logp[at : at + n]
+                    at += n
+                    r = rows.req[i]
+                    if rows.is_kl[i]:
+                        if i not in kl_init:
+                            kl_init[i] = lp[0].detach()
+                        # KL(p_cur || p_init), 'batchmean' over the request's KL prompts
+                        kl = (lp[0].exp() * (lp[0] - kl_init[i])).sum() / n_kl
+                        chunk_loss = chunk_loss.index_add(0, torch.tensor([r], device=device), (cfg.kl_factor * kl)[None])
+                    else:
+                        t = torch.tensor(rows.tgt_ids[i], device=device)
+                        nll = -lp.gather(1, t[:, None]).sum() / len(rows.tgt_ids[i]) / rows.n_templates
+                        chunk_loss = chunk_loss.index_add(0, torch.tensor([r], device=device), nll[None])
+                if chunk_loss.requires_grad:
+                    chunk_loss[~done.to(device)].sum().backward()
+                losses = losses + chunk_loss.detach()
+            first[0] = False
+            wd = cfg.weight_decay * delta.detach().norm(dim=1) / h_init.norm(dim=1).clamp_min(1e-12) ** 2
+            if cfg.weight_decay:
+                wd_t = cfg.weight_decay * delta.norm(dim=1) / h_init.norm(dim=1).clamp_min(1e-12) ** 2
+                wd_t[~done.to(device)].sum().backward()
+            total = (losses + wd).cpu()
+            for r in range(n_req):
+                if not done[r]:
+                    logs[r].losses.append(float(total[r]))
+                    logs[r].loss = float(total[r])
+                    if not math.isfinite(logs[r].loss):
+                        raise FloatingPointError(f"request {requests[r].case_id}: non-finite loss")
+            done |= total < cfg.loss_threshold
+            if bool(done.all()) or it == cfg.steps - 1:
+                break
+            frozen = delta.detach()[done.to(device)].clone()
+            opt.step()
+            with torch.no_grad():
+                delta[done.to(device)] = frozen
+                max_norm = cfg.clamp_norm_factor * h_init.norm(dim=1)
+                norm = delta.norm(dim=1)
+                scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), torch.ones_like(norm))
+                delta.mul_(scale[:, None])
+            for r in range(n_req):
+                if not done[r]:
+                    logs[r].steps += 1
+    finally:
+        for p, req_grad in zip(model.parameters(), requires):
+            p.requires_grad_(req_grad)
+    delta = delta.detach()
+    for r in range(n_req):
+        logs[r].delta_norm = float(delta[r].norm())
+    return h_init + delta, h_init, logs

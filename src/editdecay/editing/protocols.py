@@ -1,0 +1,117 @@
+"""Editing protocols.
+
+``single`` (seed 000): each fact is edited alone on the one loaded model, measured,
+and the model is restored bit-exactly from the saved originals (no reload). With
+``verify`` a fact whose edit fails the retention probe (target_new not the first
+non-stop token) is retried with 2× and then 4× the optimisation steps, else dropped
+(and logged).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from ..evaluate.metrics import FactScore, score_facts
+from ..evaluate.probes import Prober
+from ..facts.record import FactRecord
+from .base import EditResult
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("single",)
+METRIC_KEYS = ("es", "ps", "ns", "retention_new", "retention_true")
+
+
+@dataclass
+class FactOutcome:
+    case_id: str
+    pre: FactScore
+    post: FactScore | None
+    seconds: float
+    edited_layers: list[int]
+    steps_factor: int
+    dropped: bool = False
+    result: EditResult | None = field(default=None, repr=False)
+
+
+@dataclass
+class ProtocolResult:
+    method: str
+    protocol: str
+    outcomes: list[FactOutcome]
+    mode: str
+
+    @property
+    def dropped(self) -> list[str]:
+        return [o.case_id for o in self.outcomes if o.dropped]
+
+    def _summary(self, stage: str) -> dict:
+        scores = [getattr(o, stage) for o in self.outcomes if getattr(o, stage) is not None]
+        out = {}
+        for key in METRIC_KEYS:
+            attr = {"retention_new": "retained_new", "retention_true": "retained_true"}.get(key, key)
+            vals = [float(getattr(s, attr)) for s in scores if getattr(s, attr) is not None]
+            out[key] = sum(vals) / len(vals) if vals else float("nan")
+        return out
+
+    def to_json(self, preset: str) -> dict:
+        kept = [o for o in self.outcomes if not o.dropped]
+        return {
+            "method": self.method,
+            "protocol": self.protocol,
+            "preset": preset,
+            "n_facts": len(self.outcomes),
+            "pre": self._summary("pre"),
+            "post": self._summary("post"),
+            "seconds_per_fact": sum(o.seconds for o in kept) / len(kept) if kept else float("nan"),
+            "edited_layers": sorted({b for o in kept for b in o.edited_layers}),
+            "dropped": self.dropped,
+            "facts": [
+                {"case_id": o.case_id, "pre": o.pre.to_dict(), "post": o.post.to_dict() if o.post else None,
+                 "seconds": o.seconds, "edited_layers": o.edited_layers, "steps_factor": o.steps_factor,
+                 "dropped": o.dropped}
+                for o in self.outcomes
+            ],
+        }
+
+
+def run_single(
+    editor,
+    model,
+    tokenizer,
+    facts: list[FactRecord],
+    *,
+    verify: bool | None = None,
+    mode: str = "greedy",
+    keep_results: bool = False,
+    progress: bool = True,
+) -> ProtocolResult:
+    """Protocol ``single``: edit, score and restore each fact in turn."""
+    verify = getattr(getattr(editor, "hparams", None), "verify", False) if verify is None else verify
+    prober = Prober(model, tokenizer, progress=False)
+    pre = score_facts(model, tokenizer, facts, mode=mode, prober=prober).facts
+    outcomes = []
+    for fact, pre_f in tqdm(list(zip(facts, pre)), desc=f"{editor.name} single", unit="fact", disable=not progress):
+        factors = (1, 2, 4) if verify else (1,)
+        seconds = 0.0
+        post_f, res, used = None, None, factors[-1]
+        for factor in factors:
+            res = editor.edit(model, tokenizer, [fact], steps_factor=factor)
+            seconds += res.seconds
+            post_f = score_facts(model, tokenizer, [fact], mode=mode, prober=prober).facts[0]
+            used = factor
+            if not verify or post_f.retained_new:
+                break
+            res.restore(model)  # retry from the original weights
+        dropped = bool(verify and not post_f.retained_new)
+        layers = res.edited_layers(model)
+        if not dropped:
+            res.restore(model)
+        else:
+            log.warning("%s: fact %s not edited after %d× steps; dropped", editor.name, fact.case_id, used)
+        outcomes.append(FactOutcome(fact.case_id, pre_f, post_f, seconds, layers, used, dropped,
+                                    res if keep_results else None))
+    return ProtocolResult(editor.name, "single", outcomes, mode)
