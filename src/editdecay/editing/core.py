@@ -159,7 +159,7 @@ class TargetConfig:
     kl_factor: float = 0.0625
     loss_threshold: float = 5e-2
     kl_prompts: tuple[str, ...] = ("{} is a",)
-    batch_rows: int = 256
+    batch_rows: int = 64
     """Rows (prompts) per forward/backward chunk; gradients are accumulated."""
     cache_prefix: bool = True
     """Run the tokens before the subject's last token once into a KV cache (they do
