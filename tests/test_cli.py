@@ -106,3 +106,44 @@ def test_facts_select_builtin_writes_sets(embedded, tmp_path, selection_cache, m
     assert len(edit) == 8 and len(intr) == 16
     assert not ({f.subject for f in edit} & {f.subject for f in intr})
     assert sorted(p.name for p in out.iterdir()) == ["edit.jsonl", "intrinsic.jsonl", "selection.json"]
+
+
+def test_edit_json_schema_and_saved_model(embedded, tmp_path):
+    from editdecay import Prober, load_model
+    from editdecay.facts.datasets import write_facts
+    from editdecay.facts.record import FactRecord, Neighbor
+
+    fact = FactRecord("paris", "France", "The capital of {} is", "London", "Paris", "P36",
+                      ("France's capital city is",), (Neighbor("The capital of Belgium is", "Brussels"),))
+    write_facts([fact], tmp_path / "one.jsonl")
+    saved = tmp_path / "edited"
+    r = runner.invoke(app, ["edit", "--method", "rome", "--requests", str(tmp_path / "one.jsonl"),
+                            "--out", str(tmp_path / "out"), "--save-model", str(saved), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert set(doc) == {"method", "protocol", "preset", "n_facts", "pre", "post", "seconds_per_fact",
+                        "edited_layers", "dropped", "facts"}
+    assert (doc["method"], doc["protocol"], doc["preset"], doc["n_facts"]) == ("rome", "single", "derived", 1)
+    keys = {"es", "ps", "ns", "retention_new", "retention_true"}
+    assert set(doc["pre"]) == keys and set(doc["post"]) == keys
+    assert doc["pre"]["retention_true"] == 1.0 and doc["post"]["retention_new"] == 1.0 and doc["post"]["es"] == 1.0
+    assert doc["edited_layers"] == [5] and doc["dropped"] == [] and doc["seconds_per_fact"] > 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == doc
+    # the saved model carries the edit; the session's model was restored
+    model, tok = embedded
+    assert Prober(model, tok).first_non_stop([fact.text])[0].token == " Paris"
+    edited, etok = load_model(str(saved), device="cpu")
+    assert Prober(edited, etok).first_non_stop([fact.text])[0].token == " London"
+
+
+def test_edit_errors(tmp_path):
+    from editdecay.facts.datasets import write_facts
+    from editdecay.facts.record import FactRecord
+
+    write_facts([FactRecord("a", "X", "{} is", "y", "z"), FactRecord("b", "Y", "{} is", "y", "z")], tmp_path / "two.jsonl")
+    r = runner.invoke(app, ["edit", "--requests", str(tmp_path / "two.jsonl"), "--out", str(tmp_path / "o"),
+                            "--save-model", str(tmp_path / "m")])
+    assert r.exit_code != 0 and "needs exactly one fact" in str(r.exception)
+    r = runner.invoke(app, ["edit", "--requests", str(tmp_path / "two.jsonl"), "--out", str(tmp_path / "o"),
+                            "--protocol", "batch"])
+    assert r.exit_code != 0 and "unknown protocol 'batch'" in str(r.exception)
