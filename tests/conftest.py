@@ -80,3 +80,17 @@ def make_tiny_model(model_type: str, seed: int = 0, **config):
         setattr(cfg, k, v)
     model = AutoModelForCausalLM.from_config(cfg)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def cf_facts10(embedded, shared_data, selection_cache):
+    """10 confidence-filtered CounterFact facts (distinct subjects) for edit tests."""
+    from editdecay.facts.datasets import load_facts
+    from editdecay.facts.selection import confidence_filter
+
+    model, tok = embedded
+    pool = load_facts(shared_data / "counterfact" / "counterfact-val.json")[:400]
+    passed = [f for f, o in zip(pool, confidence_filter(model, tok, pool, cache_dir=selection_cache)) if o.passed]
+    facts = list({f.subject: f for f in passed}.values())[:10]
+    assert len(facts) == 10
+    return facts

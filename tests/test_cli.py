@@ -145,5 +145,5 @@ def test_edit_errors(tmp_path):
                             "--save-model", str(tmp_path / "m")])
     assert r.exit_code != 0 and "needs exactly one fact" in str(r.exception)
     r = runner.invoke(app, ["edit", "--requests", str(tmp_path / "two.jsonl"), "--out", str(tmp_path / "o"),
-                            "--protocol", "batch"])
-    assert r.exit_code != 0 and "unknown protocol 'batch'" in str(r.exception)
+                            "--protocol", "bogus"])
+    assert r.exit_code != 0 and "unknown protocol 'bogus'" in str(r.exception)

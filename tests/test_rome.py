@@ -148,18 +148,13 @@ def test_presets_and_derived_hparams():
         get_editor("bogus")
 
 
-def test_rome_single_protocol_on_filtered_counterfact(embedded, shared_data, selection_cache):
+def test_rome_single_protocol_on_filtered_counterfact(embedded, cf_facts10):
     """≥ 10 confidence-filtered CounterFact facts, each edited alone on the embedded
     model: the edits flip the answers (efficacy ≥ 0.9) and the model is restored."""
     from editdecay.editing.protocols import run_single
-    from editdecay.facts.datasets import load_facts
-    from editdecay.facts.selection import confidence_filter
 
     model, tok = embedded
-    pool = load_facts(shared_data / "counterfact" / "counterfact-val.json")[:400]
-    passed = [f for f, o in zip(pool, confidence_filter(model, tok, pool, cache_dir=selection_cache)) if o.passed]
-    facts = list({f.subject: f for f in passed}.values())[:10]
-    assert len(facts) == 10
+    facts = cf_facts10
     editor = get_editor("rome", model=model)
     assert editor.hparams.layers == [5]  # round(0.17 * 30)
     name = get_arch(model).rewrite_module_name(5) + ".weight"

@@ -275,13 +275,14 @@ def facts_score(
 def edit(
     requests: Annotated[Path, typer.Option(help="Facts to edit (any supported format).")],
     out: Annotated[Path, typer.Option(help="Output directory (results.json).")],
-    method: Annotated[str, typer.Option(help="Editing method: rome.")] = "rome",
+    method: Annotated[str, typer.Option(help="Editing method: rome | memit | alphaedit | ft.")] = "rome",
     model: ModelOpt = DEFAULT_MODEL,
-    protocol: Annotated[str, typer.Option(help="single: edit, measure and restore each fact in turn.")] = "single",
+    protocol: Annotated[str, typer.Option(help="single (each fact alone, restored) | batch (all at once) | sequential (batches in turn).")] = "single",
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Facts per batch for --protocol sequential.")] = None,
     preset: Annotated[Optional[str], typer.Option(help="Named preset, e.g. gpt2-xl@reference (default: derived from the model).")] = None,
     hparams: Annotated[Optional[Path], typer.Option(help="YAML of hyperparameters (over the preset).")] = None,
     stats_corpus: Annotated[Optional[Path], typer.Option(help="Text corpus for the key second moments (default: offline corpus).")] = None,
-    save_model: Annotated[Optional[Path], typer.Option(help="Save the edited model here (one fact only).")] = None,
+    save_model: Annotated[Optional[Path], typer.Option(help="Save the edited model here (protocol single: one fact only).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Edit only the first N facts.")] = None,
     mode: Annotated[str, typer.Option(help="Retention probe mode: greedy | masked_argmax.")] = "greedy",
     device: DeviceOpt = None,
@@ -298,27 +299,38 @@ def edit(
     """
     from .editing import get_editor
     from .editing.hparams import read_hparams_file
-    from .editing.protocols import PROTOCOLS, run_single
+    from .editing.protocols import PROTOCOLS, run_batch, run_single
     from .facts.datasets import load_facts
     from .models import load_model, save_model as save_model_dir
 
     if protocol not in PROTOCOLS:
         raise EditdecayError(f"unknown protocol {protocol!r} for {method}: use one of {', '.join(PROTOCOLS)}")
     facts = load_facts(requests)[:limit]
-    if save_model is not None and len(facts) != 1:
+    if protocol == "sequential" and batch_size is None:
+        raise EditdecayError("--protocol sequential needs --batch-size B")
+    if save_model is not None and protocol == "single" and len(facts) != 1:
         raise EditdecayError(f"--save-model with protocol {protocol} needs exactly one fact, got {len(facts)} (use --limit 1)")
     overrides = read_hparams_file(hparams) if hparams else {}
     if stats_corpus is not None:
         overrides["stats_corpus"] = str(stats_corpus)
     m, tok = load_model(model, device=device)
     editor = get_editor(method, preset=preset, overrides=overrides, model=m)
-    res = run_single(editor, m, tok, facts, mode=mode, keep_results=save_model is not None)
+    if protocol == "single":
+        res = run_single(editor, m, tok, facts, mode=mode, keep_results=save_model is not None)
+    else:
+        res = run_batch(editor, m, tok, facts, batch_size=batch_size if protocol == "sequential" else None, mode=mode)
     doc = _nan_to_none(res.to_json(editor.preset_info["preset"]))
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".results.json.tmp"
     tmp.write_text(json.dumps(doc, indent=2))
     tmp.replace(out / "results.json")
-    if save_model is not None:
+    if save_model is not None and protocol != "single":
+        save_model_dir(m, tok, save_model, {"edit": {"method": method, "protocol": protocol,
+                                                     "case_ids": [f.case_id for f in facts],
+                                                     "edited_layers": doc["edited_layers"]}})
+    if protocol != "single":
+        res.restore(m)
+    elif save_model is not None:
         import torch
 
         outcome = res.outcomes[0]

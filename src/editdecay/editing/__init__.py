@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from .alphaedit import AlphaEdit, AlphaEditHyperParams
 from .base import EditError, EditResult, Editor, RequestLog
+from .memit import MEMIT, MEMITHyperParams, multilayer_hparams
 from .rome import ROME, ROMEHyperParams, rome_hparams
 
 #: Editor classes by method name.
-EDITORS = {"rome": ROME}
+EDITORS = {"rome": ROME, "memit": MEMIT, "alphaedit": AlphaEdit}
 
 
 def get_editor(method: str, preset: str | None = None, overrides: dict | None = None, model=None, **kwargs) -> Editor:
@@ -21,10 +23,18 @@ def get_editor(method: str, preset: str | None = None, overrides: dict | None = 
         raise EditdecayError(f"unknown editing method {method!r}: available {', '.join(sorted(EDITORS))}")
     if method == "rome":
         hp, info = rome_hparams(preset, overrides, model)
-        editor = ROME(hp, **kwargs)
-        editor.preset_info = info
-        return editor
-    raise AssertionError(method)
+    else:
+        cls = EDITORS[method]
+        hp, info = multilayer_hparams(method, cls.hparams_cls, preset, overrides, model)
+        if method == "alphaedit" and not preset and model is not None and "nullspace_target" not in (overrides or {}):
+            hp.nullspace_target = 0.7  # derived rule: a null space of about 70% of the dimensions
+            info["nullspace_target"] = 0.7
+    editor = EDITORS[method](hp, **kwargs)
+    editor.preset_info = info
+    return editor
 
 
-__all__ = ["EDITORS", "get_editor", "EditError", "EditResult", "Editor", "RequestLog", "ROME", "ROMEHyperParams", "rome_hparams"]
+__all__ = [
+    "EDITORS", "get_editor", "EditError", "EditResult", "Editor", "RequestLog",
+    "ROME", "ROMEHyperParams", "rome_hparams", "MEMIT", "MEMITHyperParams", "AlphaEdit", "AlphaEditHyperParams",
+]

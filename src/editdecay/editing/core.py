@@ -106,8 +106,9 @@ def module_io_at(
 
         def hook(m, args, out):
             rows = torch.arange(len(chunk), device=device)
+            h = out[0] if isinstance(out, tuple) else out
             got["in"] = args[0][rows, pos].float()
-            got["out"] = out[rows, pos].float()
+            got["out"] = h[rows, pos].float()
             raise _Stop
 
         h = module.register_forward_hook(hook)
@@ -120,6 +121,16 @@ def module_io_at(
         ins.append(got["in"])
         outs.append(got["out"])
     return torch.cat(ins), torch.cat(outs)
+
+
+def plain_positions(tokenizer, requests: Sequence[FactRecord]) -> tuple[list[str], list[int]]:
+    """Each request's plain prompt and the index of its subject's last token."""
+    texts, positions = [], []
+    for req in requests:
+        text, end = fill("{}", req.prompt, req.subject)
+        texts.append(text)
+        positions.append(subject_last_index(tokenizer, text, end))
+    return texts, positions
 
 
 def template_keys(

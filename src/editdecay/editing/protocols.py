@@ -5,6 +5,11 @@ and the model is restored bit-exactly from the saved originals (no reload). With
 ``verify`` a fact whose edit fails the retention probe (target_new not the first
 non-stop token) is retried with 2× and then 4× the optimisation steps, else dropped
 (and logged).
+
+``batch`` (seed 001): all facts in one edit. ``sequential``: batches of ``batch_size``
+applied in turn without restore (editors with memory, such as AlphaEdit, carry it
+across batches). Both measure every fact on the final model and leave the model
+edited; ``ProtocolResult.restore`` returns it to the base weights.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from .base import EditResult
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("single",)
+PROTOCOLS = ("single", "batch", "sequential")
 METRIC_KEYS = ("es", "ps", "ns", "retention_new", "retention_true")
 
 
@@ -43,6 +48,14 @@ class ProtocolResult:
     protocol: str
     outcomes: list[FactOutcome]
     mode: str
+    results: list[EditResult] = field(default_factory=list, repr=False)
+    """Edits still applied to the model (batch, sequential), oldest first."""
+
+    def restore(self, model) -> None:
+        """Undo the edits still applied (newest first), bit-exact."""
+        for res in reversed(self.results):
+            res.restore(model)
+        self.results = []
 
     @property
     def dropped(self) -> list[str]:
@@ -115,3 +128,23 @@ def run_single(
         outcomes.append(FactOutcome(fact.case_id, pre_f, post_f, seconds, layers, used, dropped,
                                     res if keep_results else None))
     return ProtocolResult(editor.name, "single", outcomes, mode)
+
+
+def run_batch(editor, model, tokenizer, facts: list[FactRecord], *, batch_size: int | None = None,
+              mode: str = "greedy") -> ProtocolResult:
+    """Protocols ``batch`` (``batch_size`` None: all facts in one edit) and
+    ``sequential`` (batches of ``batch_size`` in turn, no restore). The model stays
+    edited; call ``restore`` on the result to undo."""
+    prober = Prober(model, tokenizer, progress=False)
+    pre = score_facts(model, tokenizer, facts, mode=mode, prober=prober).facts
+    size = batch_size or len(facts)
+    results: list[EditResult] = []
+    batches = [facts[i : i + size] for i in range(0, len(facts), size)]
+    for batch in tqdm(batches, desc=f"{editor.name} {'batch' if batch_size is None else 'sequential'}",
+                      unit="batch", disable=len(batches) < 2):
+        results.append(editor.edit(model, tokenizer, batch))
+    post = score_facts(model, tokenizer, facts, mode=mode, prober=prober).facts
+    seconds = sum(r.seconds for r in results) / max(len(facts), 1)
+    layers = sorted({b for r in results for b in r.edited_layers(model)})
+    outcomes = [FactOutcome(f.case_id, a, b, seconds, layers, 1) for f, a, b in zip(facts, pre, post)]
+    return ProtocolResult(editor.name, "batch" if batch_size is None else "sequential", outcomes, mode, results)

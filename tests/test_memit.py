@@ -1,0 +1,150 @@
+"""MEMIT and AlphaEdit: the math of their solves, key memory, protocols, real edits."""
+
+import pytest
+import torch
+
+from editdecay.editing import AlphaEdit, AlphaEditHyperParams, MEMIT, MEMITHyperParams, get_editor
+from editdecay.editing.protocols import run_batch
+from editdecay.facts.record import FactRecord
+from editdecay.models.arch import get_arch
+
+from conftest import make_tiny_model
+from fakes import word_tokenizer
+
+WORDS = "The capital of France is Paris London Rome Germany Berlin a city in Europe Italy speaks French English".split()
+REQS = [FactRecord("fr", "France", "The capital of {}", target_new="London", target_true="Paris"),
+        FactRecord("de", "Germany", "The capital of {}", target_new="Rome", target_true="Berlin"),
+        FactRecord("it", "Italy", "The language of {}", target_new="English", target_true="French"),
+        FactRecord("eu", "Europe", "A city in {}", target_new="Berlin", target_true="Paris")]
+TINY = dict(context_template_length_params=[[3, 2]], v_num_grad_steps=30, v_weight_decay=0.0,
+            clamp_norm_factor=100.0, mom2_update_weight=2.0)
+
+
+def _spd(d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return word_tokenizer(WORDS)
+
+
+def _weight(model, layer):
+    spec = get_arch(model)
+    return spec.weight_out_in(model.get_submodule(spec.rewrite_module_name(layer))).detach().double().clone()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_memit_one_layer_one_fact_is_scaled_rome_direction(model_type, tok):
+    model = make_tiny_model(model_type, initializer_range=0.3)
+    c = _spd(64)
+    lam = 2.0
+    editor = MEMIT(MEMITHyperParams(layers=[1], **{**TINY, "mom2_update_weight": lam}), covariance=lambda m, t, l: c)
+    before = _weight(model, 1)
+    res = editor.edit(model, tok, REQS[:1])
+    dw = _weight(model, 1) - before
+    upd = res.info["updates"][0]
+    k, r = upd["keys"][0].double(), upd["resid"][0].double()
+    cik = torch.linalg.solve(c, k)
+    rome = torch.outer(r, cik) / (k @ cik)  # ROME's update for key k and residual r (consistent keys)
+    scale = (k @ cik) / (lam + k @ cik)  # Sherman–Morrison
+    assert torch.allclose(dw, scale * rome, rtol=1e-4, atol=1e-6 * rome.abs().max())
+    assert res.edited_layers(model) == [1]
+
+
+def test_memit_spreads_residual_over_layers_in_order(tok):
+    model = make_tiny_model("llama", initializer_range=0.3)
+    editor = MEMIT(MEMITHyperParams(layers=[0, 1, 2], **TINY), covariance=lambda m, t, l: _spd(64, l))
+    res = editor.edit(model, tok, REQS)
+    ups = res.info["updates"]
+    assert [u["layer"] for u in ups] == [0, 1, 2]
+    # the residual left for the last layer is smaller than the first one's share times 3
+    assert ups[-1]["resid"].norm() < 3 * ups[0]["resid"].norm()
+    assert res.edited_layers(model) == [0, 1, 2]
+    from editdecay import Prober
+
+    got = [g.token.strip() for g in Prober(model, tok).first_non_stop([r.text for r in REQS])]
+    assert sum(g == r.target_new for g, r in zip(got, REQS)) >= 3
+
+
+def test_alphaedit_update_vanishes_on_preserved_keys(tok):
+    model = make_tiny_model("llama", initializer_range=0.3)
+    c = _spd(64)
+    hp = AlphaEditHyperParams(layers=[1, 2], nullspace_target=0.6, **TINY)
+    editor = AlphaEdit(hp, covariance=lambda m, t, l: c)
+    before = {l: _weight(model, l) for l in (1, 2)}
+    editor.edit(model, tok, REQS[:2])
+    for layer in (1, 2):
+        p = editor._proj[layer]
+        assert editor.nullspace_dims[layer] == round(0.6 * 64)
+        x = torch.randn(64, dtype=torch.float64)
+        k0 = x - p @ x  # P k0 = 0: a direction of the preserved keys
+        dw = _weight(model, layer) - before[layer]
+        assert dw.norm() > 1e-3
+        assert (dw @ k0).norm() < 1e-5 * dw.norm() * k0.norm()
+
+
+def test_alphaedit_key_memory_grows_across_sequential_batches(tok):
+    model = make_tiny_model("llama", initializer_range=0.3)
+    editor = AlphaEdit(AlphaEditHyperParams(layers=[1, 2], nullspace_target=0.6, **TINY),
+                       covariance=lambda m, t, l: _spd(64))
+    res = run_batch(editor, model, tok, REQS, batch_size=2)
+    assert res.protocol == "sequential" and len(res.results) == 2
+    traces = {l: float(torch.trace(editor.key_memory[l])) for l in (1, 2)}
+    first = AlphaEdit(editor.hparams, covariance=lambda m, t, l: _spd(64))
+    res.restore(model)
+    first.edit(model, tok, REQS[:2])
+    for l in (1, 2):
+        assert traces[l] > float(torch.trace(first.key_memory[l])) > 0
+
+
+def test_batch_and_sequential_protocols_accumulate_and_restore(tok):
+    model = make_tiny_model("llama", initializer_range=0.3)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    editor = MEMIT(MEMITHyperParams(layers=[1, 2], **TINY), covariance=lambda m, t, l: _spd(64))
+    seq = run_batch(editor, model, tok, REQS, batch_size=1)
+    assert seq.protocol == "sequential" and len(seq.results) == 4
+    # each batch was applied on top of the previous one
+    w1 = seq.results[1].originals[get_arch(model).rewrite_module_name(1) + ".weight"]
+    assert not torch.equal(w1, base[get_arch(model).rewrite_module_name(1) + ".weight"])
+    seq.restore(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, base[k]), k
+    batch = run_batch(editor, model, tok, REQS)
+    assert batch.protocol == "batch" and len(batch.results) == 1
+    doc = batch.to_json("test")
+    assert doc["n_facts"] == 4 and doc["edited_layers"] == [1, 2]
+    batch.restore(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, base[k]), k
+
+
+def test_presets():
+    assert get_editor("memit", preset="gpt2-xl@reference").hparams.layers == [13, 14, 15, 16, 17]
+    ll = get_editor("memit", preset="llama3.1-8b@seed001").hparams
+    assert ll.layers == [3, 4, 5, 6, 7] and ll.clamp_norm_factor == 4 and ll.v_weight_decay == 1e-3
+    assert get_editor("alphaedit", preset="llama3-8b@reference").hparams.L2 == 10
+    model = make_tiny_model("llama")
+    ed = get_editor("memit", model=model)
+    assert ed.hparams.layers == [0, 1, 2] and ed.hparams.mom2_update_weight == round(15000 * 64 / 16384, 1)
+    assert get_editor("alphaedit", model=model).hparams.nullspace_target == 0.7
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_batch_edit_on_filtered_counterfact(method, embedded, cf_facts10):
+    """Out of the box (derived presets) on the embedded model: efficacy ≥ 0.9."""
+    model, tok = embedded
+    editor = get_editor(method, model=model)
+    name = get_arch(model).rewrite_module_name(editor.hparams.layers[0]) + ".weight"
+    before = dict(model.named_parameters())[name].detach().clone()
+    res = run_batch(editor, model, tok, cf_facts10)
+    doc = res.to_json("derived")
+    res.restore(model)
+    assert torch.equal(dict(model.named_parameters())[name], before)
+    assert doc["pre"]["es"] <= 0.1
+    assert doc["post"]["es"] >= 0.9 and doc["post"]["retention_new"] >= 0.8
+    assert doc["edited_layers"] == editor.hparams.layers
+    if method == "alphaedit":
+        assert all(0.6 < d / 1536 < 0.8 for d in editor.nullspace_dims.values())
