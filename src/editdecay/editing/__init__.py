@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from .alphaedit import AlphaEdit, AlphaEditHyperParams
 from .base import EditError, EditResult, Editor, RequestLog
+from .ft import FT, FTHyperParams, ft_hparams
 from .memit import MEMIT, MEMITHyperParams, multilayer_hparams
 from .rome import ROME, ROMEHyperParams, rome_hparams
 
 #: Editor classes by method name.
-EDITORS = {"rome": ROME, "memit": MEMIT, "alphaedit": AlphaEdit}
+EDITORS = {"rome": ROME, "memit": MEMIT, "alphaedit": AlphaEdit, "ft": FT}
 
 
 def get_editor(method: str, preset: str | None = None, overrides: dict | None = None, model=None, **kwargs) -> Editor:
@@ -23,6 +24,8 @@ def get_editor(method: str, preset: str | None = None, overrides: dict | None = 
         raise EditdecayError(f"unknown editing method {method!r}: available {', '.join(sorted(EDITORS))}")
     if method == "rome":
         hp, info = rome_hparams(preset, overrides, model)
+    elif method == "ft":
+        hp, info = ft_hparams(preset, overrides, model)
     else:
         cls = EDITORS[method]
         hp, info = multilayer_hparams(method, cls.hparams_cls, preset, overrides, model)
@@ -36,5 +39,5 @@ def get_editor(method: str, preset: str | None = None, overrides: dict | None = 
 
 __all__ = [
     "EDITORS", "get_editor", "EditError", "EditResult", "Editor", "RequestLog",
-    "ROME", "ROMEHyperParams", "rome_hparams", "MEMIT", "MEMITHyperParams", "AlphaEdit", "AlphaEditHyperParams",
+    "ROME", "ROMEHyperParams", "rome_hparams", "FT", "FTHyperParams", "ft_hparams", "MEMIT", "MEMITHyperParams", "AlphaEdit", "AlphaEditHyperParams",
 ]
