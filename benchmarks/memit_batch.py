@@ -47,11 +47,12 @@ def main() -> None:
     t_templates = time.perf_counter() - t
     res = run_batch(editor, model, tok, facts)
     doc = res.to_json("derived")
+    edit_s = res.results[0].seconds
     res.restore(model)
     print(json.dumps({
         "n_facts": len(facts), "layers": editor.hparams.layers, "threads": torch.get_num_threads(),
         "stats_tokens_per_layer": 20 * 1536, "stats_s": t_stats, "templates_s": t_templates,
-        "edit_s": res.results[0].seconds, "pre": doc["pre"], "post": doc["post"],
+        "edit_s": edit_s, "pre": doc["pre"], "post": doc["post"],
     }, indent=2))
 
 

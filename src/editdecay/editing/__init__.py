@@ -29,9 +29,10 @@ def get_editor(method: str, preset: str | None = None, overrides: dict | None = 
     else:
         cls = EDITORS[method]
         hp, info = multilayer_hparams(method, cls.hparams_cls, preset, overrides, model)
-        if method == "alphaedit" and not preset and model is not None and "nullspace_target" not in (overrides or {}):
-            hp.nullspace_target = 0.7  # derived rule: a null space of about 70% of the dimensions
-            info["nullspace_target"] = 0.7
+        if method == "alphaedit" and not preset and model is not None and "nullspace_fallback" not in (overrides or {}):
+            # derived rule: the absolute threshold unless its null space is outside 30-95%, else 70%
+            hp.nullspace_fallback = 0.7
+            info["nullspace_fallback"] = 0.7
     editor = EDITORS[method](hp, **kwargs)
     editor.preset_info = info
     return editor

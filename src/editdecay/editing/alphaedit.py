@@ -28,7 +28,10 @@ class AlphaEditHyperParams(MEMITHyperParams):
     nullspace_threshold: float = field(default=2e-2, metadata={"help": "Eigenvalues of C below this span the null space."})
     L2: float = field(default=10.0, metadata={"help": "α, the ridge term of the solve."})
     nullspace_target: float | None = field(
-        default=None, metadata={"help": "If set, choose the threshold so this fraction of dimensions is null (derived presets)."})
+        default=None, metadata={"help": "If set, choose the threshold so this fraction of the dimensions is null."})
+    nullspace_fallback: float | None = field(
+        default=None, metadata={"help": "If the absolute threshold gives a null space outside 30%-95% of the "
+                                        "dimensions, use this fraction instead (derived presets: 0.7)."})
 
 
 class AlphaEdit(MEMIT):
@@ -49,8 +52,13 @@ class AlphaEdit(MEMIT):
             evals, evecs = torch.linalg.eigh(cov)
             hp = self.hparams
             threshold = hp.nullspace_threshold
-            if hp.nullspace_target is not None:
-                k = max(1, int(round(hp.nullspace_target * len(evals))))
+            target = hp.nullspace_target
+            if target is None and hp.nullspace_fallback is not None:
+                frac = float((evals < threshold).double().mean())
+                if not 0.3 <= frac <= 0.95:
+                    target = hp.nullspace_fallback
+            if target is not None:
+                k = max(1, int(round(target * len(evals))))
                 threshold = float(evals[k - 1]) * (1 + 1e-9) if k < len(evals) else float("inf")
             small = evals < threshold
             u = evecs[:, small]
