@@ -147,3 +147,28 @@ def test_edit_errors(tmp_path):
     r = runner.invoke(app, ["edit", "--requests", str(tmp_path / "two.jsonl"), "--out", str(tmp_path / "o"),
                             "--protocol", "bogus"])
     assert r.exit_code != 0 and "unknown protocol 'bogus'" in str(r.exception)
+
+
+def test_finetune_lora_non_edited_with_probes(embedded, tmp_path):
+    from editdecay.facts.datasets import load_facts, write_facts
+
+    facts = load_facts("", format="builtin")
+    write_facts(facts[:3], tmp_path / "edit.jsonl")
+    write_facts(facts[100:103], tmp_path / "intr.jsonl")
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"The river number {i} flows north past the old mill and the quiet town." for i in range(200)))
+    r = runner.invoke(app, ["finetune", "--data", str(text), "--method", "lora", "--layers", "non-edited",
+                            "--layers-from", "rome", "--max-steps", "4", "--eval-every", "2", "--block-size", "32",
+                            "--batch-size", "4", "--lr", "1e-3", "--stop", "loss<0.01",
+                            "--probe-facts", str(tmp_path / "edit.jsonl"), "--probe-facts", str(tmp_path / "intr.jsonl"),
+                            "--out", str(tmp_path / "ft"), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert {"steps", "stop_reason", "trainable", "val", "probes"} <= set(doc)
+    assert doc["steps"] == 4 and doc["stop_reason"] == "max_steps"
+    assert [v["step"] for v in doc["val"]] == [0, 2, 4] and doc["val"][-1]["loss"] < doc["val"][0]["loss"]
+    assert all(".layers.5." not in n for n in doc["trainable"]) and any(".layers.6." in n for n in doc["trainable"])
+    assert [p["step"] for p in doc["probes"]] == [0, 2, 4]
+    assert set(doc["probes"][0]["sets"]) == {"edit", "intr"}
+    assert 0 <= doc["probes"][0]["retention_true"] <= 1
+    assert (tmp_path / "ft" / "adapter" / "adapter_config.json").exists()

@@ -360,6 +360,97 @@ def edit(
     c.print(f"{doc['seconds_per_fact']:.1f} s per fact; edited blocks {doc['edited_layers']}; dropped {doc['dropped'] or 'none'}; wrote {out / 'results.json'}")
 
 
+@app.command()
+def finetune(
+    out: Annotated[Path, typer.Option(help="Output directory (finetune.json, model/ or adapter/).")],
+    model: ModelOpt = DEFAULT_MODEL,
+    from_edit: Annotated[Optional[Path], typer.Option(help="An edited model saved by 'editdecay edit --save-model'.")] = None,
+    task: Annotated[str, typer.Option(help="Downstream task: unstructured.")] = "unstructured",
+    data: Annotated[Optional[Path], typer.Option(help="Training text (.txt/.jsonl/.json); default: the offline corpus.")] = None,
+    method: Annotated[str, typer.Option(help="full | lora | dora.")] = "lora",
+    layers: Annotated[str, typer.Option(help="Layer policy: all | threshold:t | window:c,w | edited | non-edited.")] = "all",
+    layers_from: Annotated[Optional[str], typer.Option(help="For edited/non-edited on an unedited model: take the blocks of this editor's preset (e.g. rome).")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stopping rule (repeatable, OR-combined): loss<τ | loss<base-Δ | acc>τ.")] = None,
+    max_steps: Annotated[int, typer.Option(min=1, help="Optimiser steps at most.")] = 100,
+    eval_every: Annotated[int, typer.Option(min=1, help="Evaluate and probe every N steps.")] = 20,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(min=1, help="Blocks per step.")] = 8,
+    block_size: Annotated[int, typer.Option(min=8, help="Tokens per block.")] = 128,
+    n_val: Annotated[int, typer.Option(min=1, help="Validation blocks (sampled from the training blocks).")] = 16,
+    probe_facts: Annotated[Optional[list[Path]], typer.Option(help="Facts probed at every evaluation (repeatable): the first file's retention_new, the others' retention_true.")] = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune a (possibly edited) model on a downstream task, probing facts as it trains.
+
+    JSON schema (also OUT/finetune.json): {"steps": int, "stop_reason": str,
+    "trainable": [names], "val": [{"step", "loss"}], "probes": [{"step",
+    "retention_new", "retention_true", "sets": {file stem: {"n", "retention_new",
+    "retention_true"}}}]}. retention_new is measured on the first --probe-facts file
+    (the edited facts), retention_true on the others (intrinsic facts; on the first
+    when it is the only one). "loss<base-Δ" uses the starting model's validation loss.
+    """
+    from .editing import get_editor
+    from .editing.corpus import Corpus
+    from .evaluate.metrics import score_facts
+    from .evaluate.probes import Prober
+    from .facts.datasets import load_facts
+    from .finetune import FinetuneConfig, TrainConfig, prepare_model, train
+    from .finetune.data import batch_stream, eval_loss, pack_blocks, split_validation
+    from .models import load_model, save_model as save_model_dir
+
+    if task != "unstructured":
+        raise EditdecayError(f"unknown task {task!r}: available tasks: unstructured")
+    edited = None
+    if from_edit is not None:
+        meta = json.loads((from_edit / "identity.json").read_text()) if (from_edit / "identity.json").exists() else {}
+        edited = meta.get("edit", {}).get("edited_layers")
+        m, tok = load_model(str(from_edit), device=device)
+    else:
+        m, tok = load_model(model, device=device)
+    if layers_from is not None:
+        edited = list(get_editor(layers_from, model=m).hparams.layers)
+    corpus = Corpus.from_path(data) if data else Corpus.offline_default()
+    blocks = pack_blocks(tok, corpus, block_size)
+    if len(blocks) < batch_size:
+        raise EditdecayError(f"{data or corpus.id}: only {len(blocks)} blocks of {block_size} tokens; need at least --batch-size {batch_size}")
+    val = split_validation(blocks, n_val)
+    dev = next(m.parameters()).device
+    base_loss = eval_loss(m, val, device=dev)
+    sets = [(p.stem, load_facts(p)) for p in (probe_facts or [])]
+    tuned, names, _ = prepare_model(m, FinetuneConfig(method=method, policy=layers), edited)
+    inner = tuned.get_base_model() if hasattr(tuned, "get_base_model") else tuned
+
+    def probe(model_, step):
+        prober = Prober(inner, tok, progress=False)
+        res = {}
+        for stem, facts in sets:
+            s_ = score_facts(inner, tok, facts, prober=prober)
+            res[stem] = {"n": len(facts), "retention_new": s_.retention_new, "retention_true": s_.retention_true}
+        first = res[sets[0][0]] if sets else {}
+        rest = [res[stem] for stem, _ in sets[1:]] or ([first] if first else [])
+        n_rest = sum(r["n"] for r in rest)
+        true = sum(r["retention_true"] * r["n"] for r in rest) / n_rest if n_rest else None
+        return {"retention_new": first.get("retention_new"), "retention_true": true, "sets": res}
+
+    log = train(tuned, batch_stream(blocks, batch_size, device=dev), TrainConfig(lr=lr, max_steps=max_steps, eval_every=eval_every, stop=stop or []),
+                evaluate=lambda mm: {"loss": eval_loss(mm, val, device=dev)}, probes=[probe] if sets else [],
+                base_loss=base_loss, trainable=names)
+    doc = _nan_to_none({**log.to_json(), "base_loss": base_loss, "method": method, "layers": layers, "task": task})
+    out.mkdir(parents=True, exist_ok=True)
+    if method == "full":
+        save_model_dir(tuned, tok, out / "model", {"finetune": {"method": method, "layers": layers, "steps": log.steps}})
+    else:
+        tuned.save_pretrained(str(out / "adapter"))
+    tmp = out / ".finetune.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(out / "finetune.json")
+    if as_json:
+        typer.echo(json.dumps(doc))
+        return
+    typer.echo(f"{log.steps} steps, stopped by {log.stop_reason}; val loss {log.val[0]['loss']:.3f} -> {log.val[-1]['loss']:.3f}; wrote {out}")
+
+
 def _nan_to_none(x):
     if isinstance(x, float) and x != x:
         return None
