@@ -213,9 +213,7 @@ def facts_select(
     write_facts(sel.edit, out / "edit.jsonl")
     write_facts(sel.intrinsic, out / "intrinsic.jsonl")
     stats = {"dataset": dataset, "data": str(data) if data else None, **sel.stats}
-    tmp = out / ".selection.json.tmp"
-    tmp.write_text(json.dumps(stats, indent=2))
-    tmp.replace(out / "selection.json")
+    _write_json(out / "selection.json", stats)
     if as_json:
         typer.echo(json.dumps(stats))
         return
@@ -321,9 +319,7 @@ def edit(
         res = run_batch(editor, m, tok, facts, batch_size=batch_size if protocol == "sequential" else None, mode=mode)
     doc = _nan_to_none(res.to_json(editor.preset_info["preset"]))
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(out / "results.json")
+    _write_json(out / "results.json", doc)
     if save_model is not None and protocol != "single":
         save_model_dir(m, tok, save_model, {"edit": {"method": method, "protocol": protocol,
                                                      "case_ids": [f.case_id for f in facts],
@@ -442,13 +438,18 @@ def finetune(
         save_model_dir(tuned, tok, out / "model", {"finetune": {"method": method, "layers": layers, "steps": log.steps}})
     else:
         tuned.save_pretrained(str(out / "adapter"))
-    tmp = out / ".finetune.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(out / "finetune.json")
+    _write_json(out / "finetune.json", doc)
     if as_json:
         typer.echo(json.dumps(doc))
         return
     typer.echo(f"{log.steps} steps, stopped by {log.stop_reason}; val loss {log.val[0]['loss']:.3f} -> {log.val[-1]['loss']:.3f}; wrote {out}")
+
+
+def _write_json(path: Path, doc) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(path)
 
 
 def _nan_to_none(x):
