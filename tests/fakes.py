@@ -75,3 +75,10 @@ def capital_lm():
         "speaks": {"French": 0.6, "English": 0.25},
     })
     return model, tok
+
+
+def spd(d: int, seed: int = 0) -> torch.Tensor:
+    """A random symmetric positive-definite float64 matrix (a stand-in covariance)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64)

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from torch import nn
 
 from editdecay import ARCHS, UnsupportedArchitectureError, get_arch
 from editdecay.models.arch import ArchSpec, ArchRegistry

@@ -113,7 +113,6 @@ def test_paraphrases(facts, table):
 
 
 def test_neighborhood(facts):
-    all_prompts = {_fill(f["prompt"], f["subject"]): f for f in facts}
     for f in facts:
         neigh = f["neighborhood"]
         assert 2 <= len(neigh) <= builtin.MAX_NEIGHBORS, f["case_id"]

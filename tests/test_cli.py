@@ -81,7 +81,6 @@ def test_facts_score_zsre_file(embedded, shared_data):
 
 
 def test_facts_select_needs_data_for_counterfact(tmp_path):
-    from editdecay.cli import main
     import subprocess
     import sys
 

@@ -9,7 +9,7 @@ from editdecay.facts.record import FactRecord
 from editdecay.models.arch import get_arch
 
 from conftest import make_tiny_model
-from fakes import word_tokenizer
+from fakes import spd, word_tokenizer
 
 WORDS = "The capital of France is Paris London Rome Germany Berlin a city in Europe Italy speaks French English".split()
 REQS = [FactRecord("fr", "France", "The capital of {}", target_new="London", target_true="Paris"),
@@ -18,12 +18,6 @@ REQS = [FactRecord("fr", "France", "The capital of {}", target_new="London", tar
         FactRecord("eu", "Europe", "A city in {}", target_new="Berlin", target_true="Paris")]
 TINY = dict(context_template_length_params=[[3, 2]], v_num_grad_steps=30, v_weight_decay=0.0,
             clamp_norm_factor=100.0, mom2_update_weight=2.0)
-
-
-def _spd(d: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(d, d, generator=g, dtype=torch.float64)
-    return a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def _weight(model, layer):
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_memit_one_layer_one_fact_is_scaled_rome_direction(model_type, tok):
     model = make_tiny_model(model_type, initializer_range=0.3)
-    c = _spd(64)
+    c = spd(64)
     lam = 2.0
     editor = MEMIT(MEMITHyperParams(layers=[1], **{**TINY, "mom2_update_weight": lam}), covariance=lambda m, t, l: c)
     before = _weight(model, 1)
@@ -56,7 +50,7 @@ def test_memit_one_layer_one_fact_is_scaled_rome_direction(model_type, tok):
 
 def test_memit_spreads_residual_over_layers_in_order(tok):
     model = make_tiny_model("llama", initializer_range=0.3)
-    editor = MEMIT(MEMITHyperParams(layers=[0, 1, 2], **TINY), covariance=lambda m, t, l: _spd(64, l))
+    editor = MEMIT(MEMITHyperParams(layers=[0, 1, 2], **TINY), covariance=lambda m, t, l: spd(64, l))
     res = editor.edit(model, tok, REQS)
     ups = res.info["updates"]
     assert [u["layer"] for u in ups] == [0, 1, 2]
@@ -71,7 +65,7 @@ def test_memit_spreads_residual_over_layers_in_order(tok):
 
 def test_alphaedit_update_vanishes_on_preserved_keys(tok):
     model = make_tiny_model("llama", initializer_range=0.3)
-    c = _spd(64)
+    c = spd(64)
     hp = AlphaEditHyperParams(layers=[1, 2], nullspace_target=0.6, **TINY)
     editor = AlphaEdit(hp, covariance=lambda m, t, l: c)
     before = {l: _weight(model, l) for l in (1, 2)}
@@ -105,11 +99,11 @@ def test_alphaedit_nullspace_fallback_rule():
 def test_alphaedit_key_memory_grows_across_sequential_batches(tok):
     model = make_tiny_model("llama", initializer_range=0.3)
     editor = AlphaEdit(AlphaEditHyperParams(layers=[1, 2], nullspace_target=0.6, **TINY),
-                       covariance=lambda m, t, l: _spd(64))
+                       covariance=lambda m, t, l: spd(64))
     res = run_batch(editor, model, tok, REQS, batch_size=2)
     assert res.protocol == "sequential" and len(res.results) == 2
     traces = {l: float(torch.trace(editor.key_memory[l])) for l in (1, 2)}
-    first = AlphaEdit(editor.hparams, covariance=lambda m, t, l: _spd(64))
+    first = AlphaEdit(editor.hparams, covariance=lambda m, t, l: spd(64))
     res.restore(model)
     first.edit(model, tok, REQS[:2])
     for l in (1, 2):
@@ -119,7 +113,7 @@ def test_alphaedit_key_memory_grows_across_sequential_batches(tok):
 def test_batch_and_sequential_protocols_accumulate_and_restore(tok):
     model = make_tiny_model("llama", initializer_range=0.3)
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    editor = MEMIT(MEMITHyperParams(layers=[1, 2], **TINY), covariance=lambda m, t, l: _spd(64))
+    editor = MEMIT(MEMITHyperParams(layers=[1, 2], **TINY), covariance=lambda m, t, l: spd(64))
     seq = run_batch(editor, model, tok, REQS, batch_size=1)
     assert seq.protocol == "sequential" and len(seq.results) == 4
     # each batch was applied on top of the previous one

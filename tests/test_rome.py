@@ -10,7 +10,7 @@ from editdecay.facts.record import FactRecord
 from editdecay.models.arch import get_arch
 
 from conftest import make_tiny_model
-from fakes import word_tokenizer
+from fakes import spd, word_tokenizer
 
 WORDS = "The capital of France is Paris London Rome Germany Berlin a city in Europe Italy speaks French English".split()
 # the subject ends the prompt: a random 3-block model routes little through attention
@@ -23,12 +23,6 @@ TINY_HP = dict(layers=[1], context_template_length_params=[[3, 2], [4, 2]], v_nu
                v_weight_decay=0.0, clamp_norm_factor=100.0, kl_factor=0.0625)
 
 
-def _spd(d: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(d, d, generator=g, dtype=torch.float64)
-    return a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return word_tokenizer(WORDS)
@@ -39,7 +33,7 @@ def _edit(model_type, tok, **hp):
     model = make_tiny_model(model_type, initializer_range=0.3)
     spec = get_arch(model)
     d_k = spec.weight_out_in(model.get_submodule(spec.rewrite_module_name(1))).shape[1]
-    c = _spd(d_k)
+    c = spd(d_k)
     editor = ROME(ROMEHyperParams(**{**TINY_HP, **hp}), covariance=lambda m, t, layer: c)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     res = editor.edit(model, tok, [REQ])

@@ -27,12 +27,7 @@ def get_editor(method: str, preset: str | None = None, overrides: dict | None = 
     elif method == "ft":
         hp, info = ft_hparams(preset, overrides, model)
     else:
-        cls = EDITORS[method]
-        hp, info = multilayer_hparams(method, cls.hparams_cls, preset, overrides, model)
-        if method == "alphaedit" and not preset and model is not None and "nullspace_fallback" not in (overrides or {}):
-            # derived rule: the absolute threshold unless its null space is outside 30-95%, else 70%
-            hp.nullspace_fallback = 0.7
-            info["nullspace_fallback"] = 0.7
+        hp, info = multilayer_hparams(method, EDITORS[method], preset, overrides, model)
     editor = EDITORS[method](hp, **kwargs)
     editor.preset_info = info
     return editor

@@ -39,6 +39,8 @@ class AlphaEdit(MEMIT):
 
     name = "alphaedit"
     hparams_cls = AlphaEditHyperParams
+    derived = {"nullspace_fallback": 0.7}
+    """Derived preset: the absolute threshold unless its null space is outside 30-95%, else 70%."""
 
     def __init__(self, hparams=None, covariance=None) -> None:
         super().__init__(hparams, covariance)

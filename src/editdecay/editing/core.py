@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -364,10 +364,10 @@ def optimise_targets(
                     chunk_loss[~done.to(device)].sum().backward()
                 losses = losses + chunk_loss.detach()
             first[0] = False
-            wd = cfg.weight_decay * delta.detach().norm(dim=1) / h_init.norm(dim=1).clamp_min(1e-12) ** 2
+            wd = cfg.weight_decay * delta.norm(dim=1) / h_init.norm(dim=1).clamp_min(1e-12) ** 2
             if cfg.weight_decay:
-                wd_t = cfg.weight_decay * delta.norm(dim=1) / h_init.norm(dim=1).clamp_min(1e-12) ** 2
-                wd_t[~done.to(device)].sum().backward()
+                wd[~done.to(device)].sum().backward()
+            wd = wd.detach()
             total = (losses + wd).cpu()
             for r in range(n_req):
                 if not done[r]:
@@ -396,3 +396,54 @@ def optimise_targets(
     for r in range(n_req):
         logs[r].delta_norm = float(delta[r].norm())
     return h_init + delta, h_init, logs
+
+
+Covariance = Callable[[nn.Module, object, int], torch.Tensor]
+"""``covariance(model, tokenizer, layer) -> C`` supplied by the caller."""
+
+
+class LocateEditor:
+    """State shared by locate-then-edit editors (ROME, MEMIT, AlphaEdit), computed
+    once per editor object: the context templates and C = E[kkᵀ] per layer.
+
+    ``covariance(model, tok, layer)``, if given, supplies C; otherwise the
+    second-moment statistics of ``hparams.stats_corpus`` are used (all missing
+    layers in one corpus pass, cached on disk). Subclasses set ``hparams_cls``.
+    """
+
+    hparams_cls: type
+
+    def __init__(self, hparams=None, covariance: Covariance | None = None) -> None:
+        self.hparams = hparams or self.hparams_cls()
+        self._covariance = covariance
+        self._templates: list[str] | None = None
+        self._cov: dict[int, torch.Tensor] = {}
+
+    def templates(self, model: nn.Module, tokenizer) -> list[str]:
+        if self._templates is None:
+            self._templates = context_templates(model, tokenizer, self.hparams.context_template_length_params, self.hparams.seed)
+        return self._templates
+
+    def covariances(self, model: nn.Module, tokenizer, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """C (float64) for ``layers``."""
+        missing = [l for l in layers if l not in self._cov]
+        if missing:
+            if self._covariance is not None:
+                got = {l: self._covariance(model, tokenizer, l) for l in missing}
+            else:
+                from .stats_provider import default_covariances
+
+                hp = self.hparams
+                got = default_covariances(model, tokenizer, missing, corpus=hp.stats_corpus,
+                                          token_multiple=hp.stats_token_multiple, max_length=hp.stats_max_length)
+            self._cov.update({l: c.to(torch.float64) for l, c in got.items()})
+        return {l: self._cov[l] for l in layers}
+
+    def target_config(self, layer: int, point: str, steps_factor: int = 1) -> TargetConfig:
+        """The target-vector optimisation settings of these hyperparameters."""
+        hp = self.hparams
+        return TargetConfig(
+            layer=layer, point=point, steps=hp.v_num_grad_steps * steps_factor, lr=hp.v_lr,
+            clamp_norm_factor=hp.clamp_norm_factor, weight_decay=hp.v_weight_decay, kl_factor=hp.kl_factor,
+            loss_threshold=hp.loss_threshold,
+        )

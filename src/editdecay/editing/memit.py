@@ -24,10 +24,9 @@ from torch import nn
 
 from ..facts.record import FactRecord
 from ..models.arch import get_arch
-from .base import EditResult, RequestLog, finish_edit, restore_params, snapshot
-from .core import TargetConfig, context_templates, module_io_at, optimise_targets, plain_positions, template_keys
+from .base import EditResult, finish_edit, restore_params, snapshot
+from .core import LocateEditor, module_io_at, optimise_targets, plain_positions, template_keys
 from .hparams import from_dict, load_preset
-from .rome import Covariance
 
 log = logging.getLogger(__name__)
 
@@ -73,37 +72,13 @@ def derive_multilayer(model: nn.Module) -> dict:
             "rule": f"layers end at round(0.17*{n})+2 = {last}; lambda = 15000*{d_k}/16384 = {lam}"}
 
 
-class MEMIT:
+class MEMIT(LocateEditor):
     """MEMIT editor; ``covariance(model, tok, layer)`` returns C (float64)."""
 
     name = "memit"
     hparams_cls = MEMITHyperParams
-
-    def __init__(self, hparams=None, covariance: Covariance | None = None) -> None:
-        self.hparams = hparams or self.hparams_cls()
-        self._covariance = covariance
-        self._templates: list[str] | None = None
-        self._cov: dict[int, torch.Tensor] = {}
-
-    def templates(self, model: nn.Module, tokenizer) -> list[str]:
-        if self._templates is None:
-            self._templates = context_templates(model, tokenizer, self.hparams.context_template_length_params, self.hparams.seed)
-        return self._templates
-
-    def covariances(self, model: nn.Module, tokenizer) -> dict[int, torch.Tensor]:
-        """C for every edit layer (one corpus pass for all of them when computed)."""
-        missing = [l for l in self.hparams.layers if l not in self._cov]
-        if missing:
-            if self._covariance is not None:
-                got = {l: self._covariance(model, tokenizer, l) for l in missing}
-            else:
-                from .stats_provider import default_covariances
-
-                got = default_covariances(model, tokenizer, missing, corpus=self.hparams.stats_corpus,
-                                          token_multiple=self.hparams.stats_token_multiple,
-                                          max_length=self.hparams.stats_max_length)
-            self._cov.update({l: c.to(torch.float64) for l, c in got.items()})
-        return {l: self._cov[l] for l in self.hparams.layers}
+    derived: dict = {}
+    """Extra hyperparameter values of the derived preset (see :func:`multilayer_hparams`)."""
 
     def edit(self, model: nn.Module, tokenizer, requests: list[FactRecord], *, steps_factor: int = 1) -> EditResult:
         """Edit all ``requests`` at once."""
@@ -113,15 +88,11 @@ class MEMIT:
         names = [spec.rewrite_module_name(l) + ".weight" for l in hp.layers]
         originals = snapshot(model, names)
         templates = self.templates(model, tokenizer)
-        covs = self.covariances(model, tokenizer)
+        covs = self.covariances(model, tokenizer, hp.layers)
         info: dict = {"layers": list(hp.layers), "updates": []}
         try:
-            cfg = TargetConfig(
-                layer=hp.layers[-1], point="block", steps=hp.v_num_grad_steps * steps_factor, lr=hp.v_lr,
-                clamp_norm_factor=hp.clamp_norm_factor, weight_decay=hp.v_weight_decay, kl_factor=hp.kl_factor,
-                loss_threshold=hp.loss_threshold,
-            )
-            z, _, logs = optimise_targets(model, tokenizer, requests, templates, cfg)
+            z, _, logs = optimise_targets(model, tokenizer, requests, templates,
+                                          self.target_config(hp.layers[-1], "block", steps_factor))
             z = z.double()
             texts, positions = plain_positions(tokenizer, requests)
             for i, layer in enumerate(hp.layers):
@@ -151,12 +122,14 @@ class MEMIT:
         """Hook for editors that remember past edits (AlphaEdit)."""
 
 
-def multilayer_hparams(method: str, cls, preset: str | None, overrides: dict | None, model: nn.Module | None):
-    """Resolve MEMIT/AlphaEdit hyperparameters: preset, else derived from ``model``."""
+def multilayer_hparams(method: str, editor_cls, preset: str | None, overrides: dict | None, model: nn.Module | None):
+    """Resolve MEMIT/AlphaEdit hyperparameters: preset, else derived from ``model``
+    (the layer/λ rule plus the editor class's ``derived`` values); then overrides."""
+    cls = editor_cls.hparams_cls
     if preset:
         base, info = load_preset(method, preset), {"preset": preset}
     elif model is not None:
-        d = derive_multilayer(model)
+        d = {**derive_multilayer(model), **editor_cls.derived}
         base = {k: v for k, v in d.items() if k != "rule"}
         info = {"preset": "derived", **d}
         log.info("%s: derived hyperparameters: %s", method, d)

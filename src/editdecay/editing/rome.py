@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,13 +25,10 @@ from torch import nn
 from ..facts.record import FactRecord
 from ..models.arch import get_arch
 from .base import EditResult, RequestLog, finish_edit, restore_params, snapshot
-from .core import TargetConfig, context_templates, optimise_targets, template_keys
+from .core import LocateEditor, optimise_targets, template_keys
 from .hparams import from_dict, load_preset
 
 log = logging.getLogger(__name__)
-
-Covariance = Callable[[nn.Module, object, int], torch.Tensor]
-
 
 @dataclass
 class ROMEHyperParams:
@@ -86,36 +82,12 @@ def rome_hparams(preset: str | None = None, overrides: dict | None = None, model
     return from_dict(ROMEHyperParams, {**base, **(overrides or {})}, where=f"rome hyperparameters ({info['preset']})"), info
 
 
-class ROME:
+class ROME(LocateEditor):
     """ROME editor. ``covariance(model, tok, layer)`` returns C = E[kkᵀ] (float64);
     by default the second-moment statistics of ``hparams.stats_corpus``, cached on disk."""
 
     name = "rome"
-
-    def __init__(self, hparams: ROMEHyperParams | None = None, covariance: Covariance | None = None) -> None:
-        self.hparams = hparams or ROMEHyperParams()
-        self._covariance = covariance
-        self._templates: list[str] | None = None
-        self._cov: dict[int, torch.Tensor] = {}
-
-    # --- cached per editor object ---------------------------------------------------
-    def templates(self, model: nn.Module, tokenizer) -> list[str]:
-        if self._templates is None:
-            self._templates = context_templates(model, tokenizer, self.hparams.context_template_length_params, self.hparams.seed)
-        return self._templates
-
-    def covariance(self, model: nn.Module, tokenizer, layer: int) -> torch.Tensor:
-        if layer not in self._cov:
-            if self._covariance is not None:
-                c = self._covariance(model, tokenizer, layer)
-            else:
-                from .stats_provider import default_covariance
-
-                c = default_covariance(model, tokenizer, layer, corpus=self.hparams.stats_corpus,
-                                       token_multiple=self.hparams.stats_token_multiple,
-                                       max_length=self.hparams.stats_max_length)
-            self._cov[layer] = c.to(torch.float64)
-        return self._cov[layer]
+    hparams_cls = ROMEHyperParams
 
     # --- editing ----------------------------------------------------------------------
     def edit(self, model: nn.Module, tokenizer, requests: list[FactRecord], *, steps_factor: int = 1) -> EditResult:
@@ -128,6 +100,8 @@ class ROME:
         logs: list[RequestLog] = []
         info: dict = {"layers": sorted(set(hp.layers)), "updates": []}
         templates = self.templates(model, tokenizer)
+        if hp.mom2_adjustment:
+            self.covariances(model, tokenizer, sorted(set(hp.layers)))  # one corpus pass for all layers
         try:
             for req in requests:
                 for layer in sorted(set(hp.layers)):
@@ -146,17 +120,12 @@ class ROME:
         k_star, k_plain, out_plain = template_keys(model, tokenizer, [req], templates[1:], layer)
         k_star, k_plain, out_plain = k_star[0].double(), k_plain[0].double(), out_plain[0].double()
         if hp.mom2_adjustment:
-            c = self.covariance(model, tokenizer, layer).to(k_star.device)
+            c = self.covariances(model, tokenizer, [layer])[layer].to(k_star.device)
             u = torch.linalg.solve(c, k_star)
         else:
             u = k_star.clone()
         u = u / u.norm()
-        cfg = TargetConfig(
-            layer=layer, point="mlp_out", steps=hp.v_num_grad_steps * steps_factor, lr=hp.v_lr,
-            clamp_norm_factor=hp.clamp_norm_factor, weight_decay=hp.v_weight_decay, kl_factor=hp.kl_factor,
-            loss_threshold=hp.loss_threshold,
-        )
-        z, _, (rlog,) = optimise_targets(model, tokenizer, [req], templates, cfg)
+        z, _, (rlog,) = optimise_targets(model, tokenizer, [req], templates, self.target_config(layer, "mlp_out", steps_factor))
         v_star = z[0].double()
         w = spec.weight_out_in(module)  # (out, in) view
         if hp.consistent_keys:

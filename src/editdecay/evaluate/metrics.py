@@ -52,7 +52,7 @@ def split_target(tokenizer, prompt: str, target: str) -> tuple[list[int], list[i
 
 def probe_token(tokenizer, prompt: str, target: str, stop_mask: torch.Tensor) -> int | None:
     """The first target token (in context) that is not a stop token, or None."""
-    return _probe_id(tokenizer, split_target(tokenizer, prompt, target), stop_mask)
+    return first_non_stop_id(split_target(tokenizer, prompt, target)[1], stop_mask)
 
 
 @dataclass
@@ -145,10 +145,10 @@ def score_facts(
     probes_true, probes_new = [], []
     for f, text in zip(facts, texts):
         s: dict[str, list[int]] = {"es_new": [add(text, f.target_new)]}
-        probes_new.append(_probe_id(tokenizer, pairs[s["es_new"][0]], prober.stop_mask))
+        probes_new.append(first_non_stop_id(pairs[s["es_new"][0]][1], prober.stop_mask))
         if f.target_true is not None:
             s["es_true"] = [add(text, f.target_true)]
-            probes_true.append(_probe_id(tokenizer, pairs[s["es_true"][0]], prober.stop_mask))
+            probes_true.append(first_non_stop_id(pairs[s["es_true"][0]][1], prober.stop_mask))
         else:
             probes_true.append(None)
         if f.metric == "zsre":
@@ -194,8 +194,9 @@ def score_facts(
     return FactScores(mode=mode, prob=prob, facts=out)
 
 
-def _probe_id(tokenizer, pair: tuple[list[int], list[int]], stop_mask: torch.Tensor) -> int | None:
-    for t in pair[1]:
+def first_non_stop_id(ids: list[int], stop_mask: torch.Tensor) -> int | None:
+    """The first of ``ids`` that is not a stop token (ids beyond the mask count as non-stop)."""
+    for t in ids:
         if t >= len(stop_mask) or not stop_mask[t]:
             return t
     return None

@@ -147,15 +147,6 @@ class Prober:
             yield idx, ids.to(device), mask.to(device), lengths.to(device)
 
     @torch.inference_mode()
-    def last_logits(self, seqs: Sequence[Sequence[int]]) -> Iterator[tuple[list[int], torch.Tensor]]:
-        """Yield ``(indices, logits)`` per batch: fp32 next-token logits [b, V] of
-        ``seqs[indices]`` at their last token."""
-        for idx, ids, mask, lengths in self._batches(seqs, desc="forward"):
-            out = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-            last = out.last_hidden_state[torch.arange(len(idx), device=ids.device), lengths - 1]
-            yield idx, self.model.get_output_embeddings()(last).float()
-
-    @torch.inference_mode()
     def score_targets(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list["TargetScore"]:
         """Teacher-forced scores of each ``(context_ids, target_ids)`` pair: per target
         token its log-probability and whether it is the argmax. One forward per batch;

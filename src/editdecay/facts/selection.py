@@ -22,7 +22,7 @@ import torch
 
 from ..cache import atomic_dir, cache_root
 from ..errors import EditdecayError
-from ..evaluate.metrics import split_target
+from ..evaluate.metrics import probe_token
 from ..evaluate.probes import PROBE_MODES, Prober
 from ..models.loading import model_identity
 from .record import FactRecord, facts_hash
@@ -77,8 +77,7 @@ def confidence_filter(
     for f in facts:
         if f.target_true is None:
             raise SelectionError(f"fact {f.case_id}: the confidence filter needs a true target (target_true is missing)")
-        _, tgt = split_target(tokenizer, f.text, f.target_true)
-        true_ids.append(next((t for t in tgt if t >= len(prober.stop_mask) or not prober.stop_mask[t]), None))
+        true_ids.append(probe_token(tokenizer, f.text, f.target_true, prober.stop_mask))
 
     def at_decision(i: int, probs: torch.Tensor):
         t = true_ids[i]

@@ -166,7 +166,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_dir, use_cache: bool, label
     if not (entry / "identity.json").exists():
         model, tok = _dequantise(path)
         with atomic_dir(entry) as tmp:
-            _save_fp32(model, tok, tmp, {"identity": identity, "gguf_file": str(path), "gguf_sha256": sha})
+            _write_model_dir(model, tok, tmp, {"identity": identity, "gguf_file": str(path), "gguf_sha256": sha})
         log.info("cached dequantised weights of %s in %s", path.name, entry)
         return model.to(dtype), tok, identity
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -203,11 +203,11 @@ def save_model(model: nn.Module, tokenizer, out: str | os.PathLike, meta: dict |
     if out.exists():
         out.rmdir()
     with atomic_dir(out) as tmp:
-        _save_fp32(model, tokenizer, tmp, {"identity": model_identity(model), **(meta or {})}, keep_dtype=True)
+        _write_model_dir(model, tokenizer, tmp, {"identity": model_identity(model), **(meta or {})}, keep_dtype=True)
     return out
 
 
-def _save_fp32(model: nn.Module, tok, out: Path, meta: dict, keep_dtype: bool = False) -> None:
+def _write_model_dir(model: nn.Module, tok, out: Path, meta: dict, keep_dtype: bool = False) -> None:
     """Write config, tokenizer and fp32 weights (shared tensors stored once)."""
     from safetensors.torch import save_file
 
