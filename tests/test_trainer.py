@@ -1,6 +1,7 @@
 """The fine-tuning loop: stopping rules, probe curves, loss falls on real text."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -86,3 +87,89 @@ def test_lora_loss_falls_on_real_text_with_the_embedded_model(embedded):
             p.requires_grad_(f)
     for k, v in base.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+class _Counting(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn, self.calls = fn, 0
+
+    def forward(self, x):
+        self.calls += torch.is_grad_enabled()
+        return self.fn(x)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_training(method):
+    calls = []
+
+    def run(ckpt):
+        model = make_tiny_model("llama")
+        mlp = model.model.layers[2].mlp
+        counter = _Counting(mlp.act_fn)  # module hooks do not fire in the recomputation; a submodule call does
+        mlp.act_fn = counter
+        model, names, _ = prepare_model(model, FinetuneConfig(method=method, policy="threshold:1", dropout=0.0))
+        train(model, batch_stream(PATTERN, 4), TrainConfig(lr=1e-2, max_steps=3, eval_every=3, gradient_checkpointing=ckpt),
+              evaluate=lambda m: {}, progress=False)
+        calls.append(counter.calls)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, ckpt = run(False), run(True)
+    assert calls == [3, 6]  # checkpointing recomputes each block once in the backward pass
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], atol=1e-6), n
+
+
+def test_bf16_autocast_keeps_fp32_master_weights():
+    model = make_tiny_model("llama")
+    model, names, _ = prepare_model(model, FinetuneConfig(method="full", policy="all"))
+    seen = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype) if torch.is_grad_enabled() else None)
+    before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    log = train(model, batch_stream(PATTERN, 4), TrainConfig(lr=1e-3, max_steps=2, eval_every=2, bf16=True),
+                evaluate=lambda m: {}, progress=False)
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}  # the training forward ran in bf16 ...
+    w = model.model.layers[0].mlp.down_proj.weight
+    assert w.dtype == torch.float32 and not torch.equal(w, before)  # ... updates land in fp32 weights
+    assert all(math.isfinite(x) for x in log.train_loss)
+    with pytest.raises(EditdecayError, match="fp32 master weights"):
+        train(make_tiny_model("llama").to(torch.bfloat16).train(), batch_stream(PATTERN, 4),
+              TrainConfig(max_steps=1, bf16=True), evaluate=lambda m: {}, progress=False)
+
+
+def test_presets_resolve_to_trainer_settings():
+    from editdecay.finetune.presets import finetune_presets, get_preset, llm_adapters_targets
+    from editdecay.models.arch import ARCHS
+
+    for name in finetune_presets():  # every shipped preset is valid
+        p = get_preset(name)
+        p.train_config(1000)
+    p = get_preset("seed000-unstructured")
+    cfg = p.train_config(60000)
+    assert (cfg.lr, cfg.grad_accum, cfg.eval_every, cfg.stop, cfg.weight_decay, cfg.betas) == (5e-5, 16, 20, ["loss<3.1"], 0.01, (0.9, 0.999))
+    assert cfg.max_steps == 2 * (60000 // 256)
+    c = get_preset("seed001-commonsense-lora").train_config(6400)  # 100 steps per epoch
+    assert (c.max_steps, c.eval_every, c.bf16) == (300, 25, True)
+    assert get_preset("cpu-unstructured", lr=1e-5, max_steps=None).lr == 1e-5  # None overrides are ignored
+    with pytest.raises(EditdecayError, match="unknown fine-tuning preset 'nope'"):
+        get_preset("nope")
+    with pytest.raises(EditdecayError, match="unknown field"):
+        get_preset("cpu-unstructured", learning_rate=1)
+    assert llm_adapters_targets(ARCHS["llama"]) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert llm_adapters_targets(ARCHS["gpt2"]) == ["attn.c_attn", "mlp.c_fc", "mlp.c_proj"]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_llm_adapters_targets_adapt_exactly_q_k_v_up_down(model_type):
+    from editdecay.finetune.presets import get_preset
+    from editdecay.models.arch import get_arch
+
+    model = make_tiny_model(model_type)
+    cfg = get_preset("seed001-commonsense-lora").finetune_config("window:1,1", get_arch(model))
+    peft_model, names, _ = prepare_model(model, cfg)
+    adapted = sorted({n.split(".lora_")[0].split("layers.")[-1].split("h.")[-1] for n in names})
+    want = {"llama": ["1.mlp.down_proj", "1.mlp.up_proj", "1.self_attn.k_proj", "1.self_attn.q_proj", "1.self_attn.v_proj"],
+            "gpt2": ["1.attn.c_attn", "1.mlp.c_fc", "1.mlp.c_proj"]}[model_type]
+    assert adapted == want

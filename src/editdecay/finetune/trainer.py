@@ -73,6 +73,8 @@ class TrainConfig:
     stop: list[str] = field(default_factory=list, metadata={"help": "Stopping rules, OR-combined."})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping (None: off)."})
     seed: int = field(default=0, metadata={"help": "Seed for dropout and data order."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for forward/backward; weights and optimiser state stay fp32 (master weights). GPU only in practice: bf16 matmul on CPU is very slow."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute block activations in the backward pass (less memory, ~30% more time)."})
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.eval_every < 1 or self.grad_accum < 1:
@@ -121,11 +123,17 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise EditdecayError("nothing to train: no parameter requires grad")
+    if cfg.bf16 and any(p.dtype != torch.float32 for p in params):
+        raise EditdecayError("bf16 autocast keeps fp32 master weights: load the model in float32")
+    device = params[0].device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    if cfg.gradient_checkpointing:
+        _checkpointing(model, enable=True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     tlog = TrainLog(trainable=list(trainable or []))
     t0 = time.perf_counter()
 
-    def checkpoint(step: int) -> bool:
+    def evaluate_at(step: int) -> bool:
         was = model.training
         model.eval()
         with torch.no_grad():
@@ -142,7 +150,7 @@ def train(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        stopped = checkpoint(0)
+        stopped = evaluate_at(0)
         model.train()
         bar = tqdm(total=cfg.max_steps, desc="fine-tune", unit="step", disable=not progress, leave=False)
         step = 0
@@ -151,7 +159,8 @@ def train(
             total = 0.0
             for _ in range(cfg.grad_accum):
                 batch = next(batches)
-                loss = loss_fn(model, batch) / cfg.grad_accum
+                with autocast:
+                    loss = loss_fn(model, batch).float() / cfg.grad_accum
                 loss.backward()
                 total += float(loss.detach())
                 tlog.tokens += int(batch["attention_mask"].sum())
@@ -164,9 +173,26 @@ def train(
             tlog.train_loss.append(total)
             bar.update(1)
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                stopped = checkpoint(step)
+                stopped = evaluate_at(step)
         bar.close()
         model.eval()
+    if cfg.gradient_checkpointing:
+        _checkpointing(model, enable=False)
     tlog.steps = step
     tlog.seconds = time.perf_counter() - t0
     return tlog
+
+
+def _checkpointing(model: nn.Module, enable: bool) -> None:
+    """Switch non-reentrant activation checkpointing of the transformers model inside
+    ``model`` (works with frozen embeddings and adapters); transformers >= 5 calls it
+    activation checkpointing, older versions gradient checkpointing."""
+    for kind in ("activation", "gradient"):
+        for m in model.modules():
+            if hasattr(type(m), f"{kind}_checkpointing_enable"):
+                if enable:
+                    getattr(m, f"{kind}_checkpointing_enable")(**{f"{kind}_checkpointing_kwargs": {"use_reentrant": False}})
+                else:
+                    getattr(m, f"{kind}_checkpointing_disable")()
+                return
+    raise EditdecayError(f"{type(model).__name__} does not support activation checkpointing")

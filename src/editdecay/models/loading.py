@@ -44,10 +44,25 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as given, else CUDA when available, else CPU."""
-    if device is None:
+    """``device`` as given, else CUDA when available, else CPU (``auto``: the same)."""
+    if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def place_model(model: nn.Module, device: str | torch.device | None) -> nn.Module:
+    """Move the model to ``device``; ``auto`` spreads it over all visible GPUs with
+    accelerate (whole transformer blocks per device) when there are several, else it
+    is the single best device."""
+    if str(device) == "auto" and torch.cuda.device_count() > 1:
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        from .arch import get_arch
+
+        block = type(get_arch(model).get_blocks(model)[0]).__name__
+        device_map = infer_auto_device_map(model, no_split_module_classes=[block])
+        return dispatch_model(model, device_map=device_map)
+    return model.to(resolve_device(device))
 
 
 def load_model(
@@ -63,14 +78,14 @@ def load_model(
 
     ``name_or_path`` is an embedded model name (default ``smollm2-135m-instruct-q4_1``),
     a local directory, a ``.gguf`` file, or a Hugging Face hub id. The model is in eval
-    mode on ``device`` (CUDA if available, else CPU) in ``dtype`` (default float32). The
+    mode on ``device`` (CUDA if available, else CPU; ``auto`` spreads it over several
+    GPUs through accelerate, see :func:`place_model`) in ``dtype`` (default float32). The
     tokenizer pads on the right and has a pad token (EOS if it had none). The model
     carries a stable identity string (see :func:`model_identity`). ``use_cache=False``
     skips the GGUF cache (always dequantises, writes nothing).
     """
     name = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
     torch_dtype = resolve_dtype(dtype)
-    dev = resolve_device(device)
     t0 = time.perf_counter()
 
     if name in EMBEDDED_MODELS:
@@ -99,12 +114,12 @@ def load_model(
             model, tok = _from_pretrained(name, torch_dtype, trust_remote_code, what="hub model")
             identity = None
 
-    model.to(dev)
+    place_model(model, device)
     model.eval()
     if identity is not None:
         setattr(model, IDENTITY_ATTR, identity)
     _prepare_tokenizer(tok)
-    log.info("loaded %s in %.1f s (%s, %s)", name, time.perf_counter() - t0, dev, torch_dtype)
+    log.info("loaded %s in %.1f s (%s, %s)", name, time.perf_counter() - t0, device or "default device", torch_dtype)
     return model, tok
 
 
