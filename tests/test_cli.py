@@ -168,6 +168,23 @@ def test_finetune_lora_non_edited_with_probes(embedded, tmp_path):
     assert [v["step"] for v in doc["val"]] == [0, 2, 4] and doc["val"][-1]["loss"] < doc["val"][0]["loss"]
     assert all(".layers.5." not in n for n in doc["trainable"]) and any(".layers.6." in n for n in doc["trainable"])
     assert [p["step"] for p in doc["probes"]] == [0, 2, 4]
-    assert set(doc["probes"][0]["sets"]) == {"edit", "intr"}
-    assert 0 <= doc["probes"][0]["retention_true"] <= 1
+    first = doc["probes"][0]
+    assert (first["n_edit"], first["n_intrinsic"]) == (3, 3) and 0 <= first["retention_true"] <= 1
+    assert len(first["top"]) == 3 and len(first["top"][0]["tokens"]) == 3
+    assert set(first["categories"]) == {"edited", "intrinsic"}
+    assert doc["preset"]["method"] == "lora" and doc["base"] == {} and doc["edited_layers"] == [5]
     assert (tmp_path / "ft" / "adapter" / "adapter_config.json").exists()
+
+
+def test_finetune_classification_task_with_a_head(embedded, shared_data, tmp_path):
+    r = runner.invoke(app, ["finetune", "--task", "classification", "--data", str(shared_data / "imdb" / "dkivrak" / "imdb_test.csv"),
+                            "--method", "lora", "--layers", "threshold:28", "--max-steps", "2", "--eval-every", "2",
+                            "--batch-size", "2", "--cutoff", "48", "--n-val", "8", "--n-train", "16",
+                            "--out", str(tmp_path / "cls"), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["steps"] == 2 and {"acc", "loss"} <= set(doc["val"][-1])
+    assert any(n.startswith("head.") for n in doc["trainable"]) and doc["task"]["metric"] == "acc"
+    assert (tmp_path / "cls" / "head.safetensors").exists()
+    r = runner.invoke(app, ["finetune", "--task", "bogus", "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "unknown task 'bogus'" in str(r.exception)

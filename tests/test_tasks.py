@@ -327,3 +327,26 @@ def test_hotpotqa_supporting_context_and_both_formats(shared_data, tok, tmp_path
         load_task("hotpotqa", tok, tmp_path / "bad2.json")
     with pytest.raises(DataError, match="task 'hotpotqa' needs data"):
         load_task("hotpotqa", tok)
+
+
+# --- one run: task + preset + policy ------------------------------------------------------
+
+def test_finetune_run_measures_the_base_rule_on_the_unedited_model(tok, tmp_path):
+    import copy
+
+    from editdecay.finetune.presets import get_preset
+    from editdecay.finetune.run import finetune
+
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": f"Document {i} talks about rivers and hills."} for i in range(40)])
+    t = load_task("unstructured", tok, path, n_val=4, block_size=32)
+    base = tiny(tok)
+    edited = copy.deepcopy(base)
+    with torch.no_grad():
+        edited.model.layers[1].mlp.down_proj.weight.mul_(3.0)  # a different starting model
+    p = get_preset("cpu-unstructured", max_steps=2, eval_every=1, stop=["loss<base-100"], batch_size=4)
+    res = finetune(edited, tok, t, p, policy="non-edited", edited=[1], base_model=base, progress=False)
+    assert res.base_metrics["loss"] == pytest.approx(t.evaluate(base)["loss"])
+    assert res.base_metrics["loss"] != pytest.approx(res.log.val[0]["loss"])  # not the starting (edited) model's
+    assert res.log.steps == 2 and res.blocks == [0, 2] and res.log.stop_reason == "max_steps"
+    assert all(".layers.1." not in n for n in res.log.trainable)
+    assert res.to_json()["task"]["task"] == "unstructured"

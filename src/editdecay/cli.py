@@ -312,6 +312,7 @@ def edit(
     if stats_corpus is not None:
         overrides["stats_corpus"] = str(stats_corpus)
     m, tok = load_model(model, device=device)
+    base = {"model": str(model)}  # the unedited model: fine-tuning measures loss<base-Δ against it
     editor = get_editor(method, preset=preset, overrides=overrides, model=m)
     if protocol == "single":
         res = run_single(editor, m, tok, facts, mode=mode, keep_results=save_model is not None)
@@ -321,9 +322,9 @@ def edit(
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "results.json", doc)
     if save_model is not None and protocol != "single":
-        save_model_dir(m, tok, save_model, {"edit": {"method": method, "protocol": protocol,
-                                                     "case_ids": [f.case_id for f in facts],
-                                                     "edited_layers": doc["edited_layers"]}})
+        save_model_dir(m, tok, save_model, {"base": base, "edit": {"method": method, "protocol": protocol,
+                                                                   "case_ids": [f.case_id for f in facts],
+                                                                   "edited_layers": doc["edited_layers"]}})
     if protocol != "single":
         res.restore(m)
     elif save_model is not None:
@@ -336,8 +337,8 @@ def edit(
         with torch.no_grad():
             for name, d in outcome.result.deltas.items():
                 params[name].add_(d)
-        save_model_dir(m, tok, save_model, {"edit": {"method": method, "case_id": outcome.case_id,
-                                                     "edited_layers": outcome.edited_layers}})
+        save_model_dir(m, tok, save_model, {"base": base, "edit": {"method": method, "case_id": outcome.case_id,
+                                                                   "edited_layers": outcome.edited_layers}})
         outcome.result.restore(m)
     if as_json:
         typer.echo(json.dumps(doc))
@@ -361,88 +362,103 @@ def finetune(
     out: Annotated[Path, typer.Option(help="Output directory (finetune.json, model/ or adapter/).")],
     model: ModelOpt = DEFAULT_MODEL,
     from_edit: Annotated[Optional[Path], typer.Option(help="An edited model saved by 'editdecay edit --save-model'.")] = None,
-    task: Annotated[str, typer.Option(help="Downstream task: unstructured.")] = "unstructured",
-    data: Annotated[Optional[Path], typer.Option(help="Training text (.txt/.jsonl/.json); default: the offline corpus.")] = None,
-    method: Annotated[str, typer.Option(help="full | lora | dora.")] = "lora",
+    task: Annotated[str, typer.Option(help="unstructured | structured | classification | sft | commonsense | hotpotqa.")] = "unstructured",
+    data: Annotated[Optional[list[Path]], typer.Option(help="Training data file or directory (repeatable, pooled); default: the offline corpus (unstructured) or the built-in facts (structured).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="full | lora | dora (default: the preset's).")] = None,
     layers: Annotated[str, typer.Option(help="Layer policy: all | threshold:t | window:c,w | edited | non-edited.")] = "all",
     layers_from: Annotated[Optional[str], typer.Option(help="For edited/non-edited on an unedited model: take the blocks of this editor's preset (e.g. rome).")] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(help="Stopping rule (repeatable, OR-combined): loss<τ | loss<base-Δ | acc>τ.")] = None,
-    max_steps: Annotated[int, typer.Option(min=1, help="Optimiser steps at most.")] = 100,
-    eval_every: Annotated[int, typer.Option(min=1, help="Evaluate and probe every N steps.")] = 20,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
-    batch_size: Annotated[int, typer.Option(min=1, help="Blocks per step.")] = 8,
-    block_size: Annotated[int, typer.Option(min=8, help="Tokens per block.")] = 128,
-    n_val: Annotated[int, typer.Option(min=1, help="Validation blocks (sampled from the training blocks).")] = 16,
-    probe_facts: Annotated[Optional[list[Path]], typer.Option(help="Facts probed at every evaluation (repeatable): the first file's retention_new, the others' retention_true.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Fine-tuning preset (default cpu-TASK; seed000-*, seed001-* for the papers' settings).")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stopping rule (repeatable, OR-combined; replaces the preset's): loss<τ | loss<base-Δ | acc>τ.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Optimiser steps at most.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(min=1, help="Evaluate and probe every N steps.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Examples per optimiser step.")] = None,
+    micro_batch_size: Annotated[Optional[int], typer.Option(min=1, help="Examples per forward (gradient accumulation).")] = None,
+    block_size: Annotated[Optional[int], typer.Option(min=8, help="Tokens per block (unstructured).")] = None,
+    cutoff: Annotated[Optional[int], typer.Option(min=8, help="Tokens per example (other tasks).")] = None,
+    n_train: Annotated[Optional[int], typer.Option(min=1, help="Training examples at most.")] = None,
+    n_val: Annotated[Optional[int], typer.Option(min=1, help="Validation examples.")] = None,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast with fp32 master weights (GPU).")] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Activation checkpointing.")] = False,
+    probe_facts: Annotated[Optional[list[Path]], typer.Option(help="Facts probed at every evaluation (repeatable): the first file is the edit set (retention_new), the others the intrinsic set (retention_true).")] = None,
+    hygiene: Annotated[bool, typer.Option(help="Drop training documents containing non-stop words of the probed facts (seed 000 §4.1).")] = False,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune a (possibly edited) model on a downstream task, probing facts as it trains.
 
     JSON schema (also OUT/finetune.json): {"steps": int, "stop_reason": str,
-    "trainable": [names], "val": [{"step", "loss"}], "probes": [{"step",
-    "retention_new", "retention_true", "sets": {file stem: {"n", "retention_new",
-    "retention_true"}}}]}. retention_new is measured on the first --probe-facts file
-    (the edited facts), retention_true on the others (intrinsic facts; on the first
-    when it is the only one). "loss<base-Δ" uses the starting model's validation loss.
+    "trainable": [names], "val": [{"step", "loss", "acc"?}], "probes": [{"step",
+    "retention_new", "retention_true", "edit_reverted", "n_edit", "n_intrinsic",
+    "categories": {"edited"|"intrinsic": {"edited", "true", "related", "other",
+    "nonstop", "n"}}, "top": [{"case_id", "first_non_stop", "tokens": [[tok, p]]}],
+    "per_fact": {"edit": [bool], "intrinsic": [bool]}}], "blocks": [int], "base":
+    {"loss", "acc"?}, "preset": {...}, "task": {...}, "seconds", "tokens", "method",
+    "layers", "edited_layers"}. retention_new is measured on the first --probe-facts
+    file, retention_true on the others (on the first when it is the only one).
+    "loss<base-Δ" compares with the unedited model's validation loss (for --from-edit
+    the base model recorded by 'editdecay edit').
     """
     from .editing import get_editor
-    from .editing.corpus import Corpus
-    from .evaluate.metrics import score_facts
-    from .evaluate.probes import Prober
     from .facts.datasets import load_facts
-    from .finetune import FinetuneConfig, TrainConfig, prepare_model, train
-    from .finetune.data import batch_stream, eval_loss, pack_blocks, split_validation
+    from .finetune.callbacks import FactProbe
+    from .finetune.presets import get_preset
+    from .finetune.run import finetune as run_finetune
+    from .finetune.tasks import TASKS, load_task
     from .models import load_model, save_model as save_model_dir
 
-    if task != "unstructured":
-        raise EditdecayError(f"unknown task {task!r}: available tasks: unstructured")
-    edited = None
+    if task not in TASKS:
+        raise EditdecayError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    p = get_preset(preset or f"cpu-{task}", task=task, method=method, lr=lr, batch_size=batch_size,
+                   micro_batch_size=micro_batch_size, max_steps=max_steps, eval_every=eval_every, stop=stop,
+                   block_size=block_size, cutoff=cutoff, n_train=n_train, n_val=n_val,
+                   bf16=bf16 or None, gradient_checkpointing=gradient_checkpointing or None)
+    if p.micro_batch_size and p.batch_size % p.micro_batch_size:
+        raise EditdecayError(f"--batch-size {p.batch_size} is not a multiple of --micro-batch-size {p.micro_batch_size}")
+    edited, base_model = None, None
     if from_edit is not None:
         meta = json.loads((from_edit / "identity.json").read_text()) if (from_edit / "identity.json").exists() else {}
         edited = meta.get("edit", {}).get("edited_layers")
         m, tok = load_model(str(from_edit), device=device)
+        base_name = meta.get("base", {}).get("model")
+        if base_name and any(r.replace(" ", "").startswith("loss<base") for r in p.stop):
+            base_model, _ = load_model(base_name, device=device)
     else:
         m, tok = load_model(model, device=device)
     if layers_from is not None:
         edited = list(get_editor(layers_from, model=m).hparams.layers)
-    corpus = Corpus.from_path(data) if data else Corpus.offline_default()
-    blocks = pack_blocks(tok, corpus, block_size)
-    if len(blocks) < batch_size:
-        raise EditdecayError(f"{data or corpus.id}: only {len(blocks)} blocks of {block_size} tokens; need at least --batch-size {batch_size}")
-    val = split_validation(blocks, n_val)
-    dev = next(m.parameters()).device
-    base_loss = eval_loss(m, val, device=dev)
-    sets = [(p.stem, load_facts(p)) for p in (probe_facts or [])]
-    tuned, names, _ = prepare_model(m, FinetuneConfig(method=method, policy=layers), edited)
-    inner = tuned.get_base_model() if hasattr(tuned, "get_base_model") else tuned
-
-    def probe(model_, step):
-        prober = Prober(inner, tok, progress=False)
-        res = {}
-        for stem, facts in sets:
-            s_ = score_facts(inner, tok, facts, prober=prober)
-            res[stem] = {"n": len(facts), "retention_new": s_.retention_new, "retention_true": s_.retention_true}
-        first = res[sets[0][0]] if sets else {}
-        rest = [res[stem] for stem, _ in sets[1:]] or ([first] if first else [])
-        n_rest = sum(r["n"] for r in rest)
-        true = sum(r["retention_true"] * r["n"] for r in rest) / n_rest if n_rest else None
-        return {"retention_new": first.get("retention_new"), "retention_true": true, "sets": res}
-
-    log = train(tuned, batch_stream(blocks, batch_size, device=dev), TrainConfig(lr=lr, max_steps=max_steps, eval_every=eval_every, stop=stop or []),
-                evaluate=lambda mm: {"loss": eval_loss(mm, val, device=dev)}, probes=[probe] if sets else [],
-                base_loss=base_loss, trainable=names)
-    doc = _nan_to_none({**log.to_json(), "base_loss": base_loss, "method": method, "layers": layers, "task": task})
+    sets = [load_facts(f) for f in (probe_facts or [])]
+    edit_set = sets[0] if sets else []
+    intrinsic = [f for s in sets[1:] for f in s] or list(edit_set)
+    data_arg = None if not data else (data[0] if len(data) == 1 else list(data))
+    t = load_task(task, tok, data_arg, model=m, n_train=p.n_train, n_val=p.n_val, cutoff=p.cutoff,
+                  block_size=p.block_size or 128, seed=p.seed, exclude_facts=edit_set + intrinsic,
+                  hygiene_facts=(edit_set + intrinsic) if hygiene else None)
+    fact_probe = FactProbe(m, tok, edit_set, intrinsic) if sets else None
+    res = run_finetune(m, tok, t, p, policy=layers, edited=edited, probe=fact_probe, base_model=base_model)
+    del base_model
+    doc = _nan_to_none({**res.to_json(), "method": p.method, "layers": layers, "edited_layers": edited})
     out.mkdir(parents=True, exist_ok=True)
-    if method == "full":
-        save_model_dir(tuned, tok, out / "model", {"finetune": {"method": method, "layers": layers, "steps": log.steps}})
+    meta = {"finetune": {"task": task, "method": p.method, "layers": layers, "steps": res.log.steps, "stop_reason": res.log.stop_reason}}
+    if p.method == "full":
+        save_model_dir(res.lm, tok, out / "model", meta)
     else:
-        tuned.save_pretrained(str(out / "adapter"))
+        res.model.save_pretrained(str(out / "adapter"))
+    if hasattr(res.module, "head"):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in res.module.head.state_dict().items()}, str(out / "head.safetensors"))
     _write_json(out / "finetune.json", doc)
     if as_json:
         typer.echo(json.dumps(doc))
         return
-    typer.echo(f"{log.steps} steps, stopped by {log.stop_reason}; val loss {log.val[0]['loss']:.3f} -> {log.val[-1]['loss']:.3f}; wrote {out}")
+    metric = t.metric
+    first, last = res.log.val[0].get(metric), res.log.val[-1].get(metric)
+    typer.echo(f"{res.log.steps} steps in {res.log.seconds:.0f} s, stopped by {res.log.stop_reason}; "
+               f"val {metric} {first:.3f} -> {last:.3f}; wrote {out}")
+    if fact_probe is not None:
+        curve = ", ".join(f"{q['step']}: {q['retention_new']:.2f}/{q['retention_true']:.2f}" for q in res.log.probes)
+        typer.echo(f"retention edited/intrinsic by step: {curve}")
 
 
 def _write_json(path: Path, doc) -> None:

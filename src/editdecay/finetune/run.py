@@ -1,0 +1,80 @@
+"""One fine-tuning run: a task, a preset, a layer policy, probes — the function the CLI
+and the study runner call.
+
+>>> task = load_task("unstructured", tok)
+>>> res = finetune(model, tok, task, get_preset("cpu-unstructured"), policy="non-edited",
+...                edited=[5], probe=FactProbe(model, tok, edit_facts, intrinsic_facts))
+>>> res.log.stop_reason, res.log.probes[-1]["retention_new"]
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..models.arch import get_arch
+from .methods import prepare_model
+from .presets import FinetunePreset
+from .trainer import TrainLog, train
+
+
+@dataclass
+class FinetuneResult:
+    """The fine-tuned model (peft wrapper for LoRA/DoRA), its log and provenance."""
+
+    model: nn.Module
+    module: nn.Module
+    """What was trained: ``model`` or the task's wrapper around it (classification head)."""
+    log: TrainLog
+    blocks: list[int]
+    base_metrics: dict[str, float]
+    preset: dict[str, Any]
+    task_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lm(self) -> nn.Module:
+        """The language model with the fine-tuned weights or adapters in place."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.log.to_json(), "blocks": self.blocks, "base": self.base_metrics, "preset": self.preset,
+                "task": self.task_info, "seconds": round(self.log.seconds, 2), "tokens": self.log.tokens}
+
+
+def finetune(
+    model: nn.Module,
+    tokenizer,
+    task,
+    preset: FinetunePreset,
+    *,
+    policy: str = "all",
+    edited: list[int] | None = None,
+    probe: Callable[[nn.Module, int], dict[str, Any]] | None = None,
+    base_model: nn.Module | None = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune ``model`` in place on ``task`` (see :mod:`editdecay.finetune.tasks`).
+
+    ``base_model`` (the unedited model) supplies the reference validation loss of
+    ``loss<base-Δ`` rules; without it the starting model's is used. ``probe`` runs at
+    every evaluation (e.g. a :class:`~editdecay.finetune.callbacks.FactProbe`).
+    """
+    cfg = preset.train_config(len(task.train))
+    base_metrics: dict[str, float] = {}
+    if any(r.relative_to_base for r in cfg.rules) or base_model is not None:
+        ref = base_model if base_model is not None else model
+        base_metrics = {k: float(v) for k, v in task.evaluate(task.wrap(ref)).items()}
+    tuned, names, blocks = prepare_model(model, preset.finetune_config(policy, get_arch(model)), edited)
+    module = task.wrap(tuned)
+    names += [f"head.{n}" for n, p in getattr(module, "head", nn.Identity()).named_parameters() if p.requires_grad]
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    log = train(module, task.batches(preset.micro, seed=preset.seed, device=device), cfg,
+                evaluate=task.evaluate, probes=[probe] if probe is not None else [],
+                base_loss=base_metrics.get("loss"), trainable=names, loss_fn=task.loss, progress=progress)
+    log.seconds = time.perf_counter() - t0
+    return FinetuneResult(tuned, module, log, blocks, base_metrics, preset.to_dict(), task.describe())
