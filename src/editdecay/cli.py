@@ -461,6 +461,76 @@ def finetune(
         typer.echo(f"retention edited/intrinsic by step: {curve}")
 
 
+@app.command()
+def plan(
+    spec: Annotated[Path, typer.Argument(help="Study spec (YAML).", show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a study's trials and an estimated cost before anything runs.
+
+    JSON schema: {"study": str, "grid_points": int, "trials": [trial dicts with key,
+    kind, axes, config, points], "cost": {counts and cpu_seconds}}.
+    """
+    from .study import StudySpec, estimate_cost, format_plan
+
+    s = StudySpec.from_yaml(spec)
+    trials = s.expand()
+    cost = estimate_cost(trials)
+    if as_json:
+        typer.echo(json.dumps(_nan_to_none({"study": s.name, "grid_points": s.grid_size(),
+                                            "trials": [t.to_dict() for t in trials], "cost": cost})))
+        return
+    typer.echo(format_plan(s, trials, cost))
+
+
+@app.command()
+def run(
+    spec: Annotated[Path, typer.Argument(help="Study spec (YAML).", show_default=False)],
+    db: Annotated[Optional[Path], typer.Option(help="Study database (default: SPEC's name with .db beside it).")] = None,
+    executor: Annotated[str, typer.Option(help="local | ray.")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(help="Address of a running Ray cluster (default: start a local one).")] = None,
+    max_parallel: Annotated[int, typer.Option(min=1, help="Units in flight at once (Ray actors).")] = 1,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run every unfinished unit of a study; finished units are skipped, failures are
+    recorded and the study goes on.
+
+    JSON schema: {"db": str, "study_id": int, "done": int, "failed": int, "seconds":
+    float, "errors": [str], "status": {status: count}}.
+    """
+    from .study import Store, StudySpec
+    from .study.runner import run_study
+
+    s = StudySpec.from_yaml(spec)
+    db = db or spec.with_suffix(".db")
+    summary = run_study(s, db, executor=executor, max_parallel=max_parallel, ray_address=ray_address, device=device)
+    with Store(db) as store:
+        status = store.status_counts(summary.study_id)
+    doc = {"db": str(db), "study_id": summary.study_id, "done": summary.done, "failed": summary.failed,
+           "seconds": round(summary.seconds, 1), "errors": summary.errors, "status": status}
+    if as_json:
+        typer.echo(json.dumps(doc))
+        return
+    typer.echo(f"{summary.done} units done, {summary.failed} failed in {summary.seconds:.0f} s; trials {status}; results in {db}")
+    for e in summary.errors:
+        typer.echo(f"  failed {e}", err=True)
+
+
+@app.command("export")
+def export_cmd(
+    db: Annotated[Path, typer.Argument(help="Study database.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default: DB's name without suffix + '-export').")] = None,
+    format: Annotated[str, typer.Option("--format", help="csv | parquet.")] = "csv",
+) -> None:
+    """Write every table of a study database to OUT/<table>.<format>."""
+    from .study import export
+
+    out = out or db.with_name(db.stem + "-export")
+    files = export(db, out, format=format)
+    typer.echo(f"wrote {len(files)} tables to {out}")
+
+
 def _write_json(path: Path, doc) -> None:
     """Write JSON atomically (temporary file, then rename)."""
     tmp = path.with_name(f".{path.name}.tmp")

@@ -55,17 +55,19 @@ def finetune(
     edited: list[int] | None = None,
     probe: Callable[[nn.Module, int], dict[str, Any]] | None = None,
     base_model: nn.Module | None = None,
+    base_metrics: dict[str, float] | None = None,
     progress: bool = True,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place on ``task`` (see :mod:`editdecay.finetune.tasks`).
 
     ``base_model`` (the unedited model) supplies the reference validation loss of
-    ``loss<base-Δ`` rules; without it the starting model's is used. ``probe`` runs at
-    every evaluation (e.g. a :class:`~editdecay.finetune.callbacks.FactProbe`).
+    ``loss<base-Δ`` rules (or pass its ``base_metrics`` when already measured);
+    without either the starting model's is used. ``probe`` runs at every evaluation
+    (e.g. a :class:`~editdecay.finetune.callbacks.FactProbe`).
     """
     cfg = preset.train_config(len(task.train))
-    base_metrics: dict[str, float] = {}
-    if any(r.relative_to_base for r in cfg.rules) or base_model is not None:
+    base_metrics = dict(base_metrics or {})
+    if not base_metrics and (any(r.relative_to_base for r in cfg.rules) or base_model is not None):
         ref = base_model if base_model is not None else model
         base_metrics = {k: float(v) for k, v in task.evaluate(task.wrap(ref)).items()}
     tuned, names, blocks = prepare_model(model, preset.finetune_config(policy, get_arch(model)), edited)

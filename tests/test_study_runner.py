@@ -1,0 +1,160 @@
+"""The study runner end to end on a tiny model: every unit runs, rows land in the store,
+a SIGKILLed run resumes without recomputing or duplicating anything, and Ray runs it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from editdecay.study import Store, StudySpec
+from editdecay.study.runner import run_study
+
+from conftest import REPO, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(embedded, tmp_path_factory):
+    """A tiny random Llama with the embedded tokenizer, saved as a model directory."""
+    from editdecay.models import save_model
+
+    tok = embedded[1]
+    model = make_tiny_model("llama", vocab_size=len(tok), max_position_embeddings=256)
+    return save_model(model, tok, tmp_path_factory.mktemp("tiny") / "model")
+
+
+def write_spec(tmp_path: Path, tiny_dir: Path, **extra) -> Path:
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"Line {i}: the river flows past the mill and the town of {i % 7}." for i in range(120)))
+    spec = {
+        "name": "tiny",
+        "axes": {"model": str(tiny_dir), "dataset": "builtin", "editor": ["none", "ft"], "n_edits": 3,
+                 "protocol": "single", "task": "unstructured", "ft_method": ["none", "lora"], "layer_policy": "all",
+                 "seed": 0},
+        "selection": {"n_intrinsic": 3, "filter": False},
+        "editors": {"ft": {"hparams": {"num_steps": 3}}},
+        "finetune": {"preset": "cpu-unstructured", "data": {"unstructured": str(text)},
+                     "overrides": {"max_steps": 2, "eval_every": 1, "n_val": 2, "block_size": 16, "batch_size": 2},
+                     "stop": ["loss<0.0"]},
+        "probes": {"every": 1},
+        **extra,
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def check_complete(db: Path) -> dict:
+    """Every unit done; no duplicated rows; per-unit rows complete."""
+    with Store(db) as store:
+        units = store.rows("units")
+        assert units and all(u["status"] == "done" for u in units), [(u["trial_key"][:8], u["unit_id"], u["status"]) for u in units]
+        rows = store.rows("fact_outcomes")
+        keys = [(r["trial_key"], r["unit_id"], r["dataset"], r["case_id"], r["fact_set"], r["stage"], r["metric"]) for r in rows]
+        assert len(keys) == len(set(keys)), "duplicated fact rows"
+        return {"units": {(u["trial_key"], u["unit_id"]): u["finished"] for u in units}, "facts": len(rows),
+                "trials": store.trials(), "store": None}
+
+
+def test_tiny_study_runs_end_to_end(tiny_dir, tmp_path):
+    spec = StudySpec.from_yaml(write_spec(tmp_path, tiny_dir))
+    db = tmp_path / "tiny.db"
+    summary = run_study(spec, db, progress=False)
+    assert summary.failed == 0, summary.errors
+    assert summary.done == 1 + 1 + 3 + 3  # base, zero-edit, 3 + 3 single-fact units
+    check_complete(db)
+    with Store(db) as store:
+        trials = {t["kind"]: t for t in store.trials()}
+        assert set(trials) == {"base", "zero-edit", "edit-only", "edit+ft"}
+        key = trials["edit+ft"]["key"]
+        units = store.units(key)
+        assert sorted(u["unit_id"] for u in units) != [""] and len(units) == 3
+        unit = units[0]["unit_id"]
+        facts = store.fact_outcomes(key, unit_id=unit)
+        stages = {r["stage"] for r in facts}
+        assert {"base", "edited", "finetuned", "step:0", "step:1", "step:2"} <= stages
+        edit_rows = [r for r in facts if r["fact_set"] == "edit" and r["stage"] == "edited"]
+        assert {r["case_id"] for r in edit_rows} == {unit}  # protocol single: one fact per unit
+        assert len(store.transitions(key, unit_id=unit)) == 1
+        curves = {r["name"] for r in store.curves(key, unit_id=unit)}
+        assert {"train_loss", "val_loss", "retention_new", "retention_true", "mass_edited_edited"} <= curves
+        metrics = {r["name"]: r for r in store.metrics(key, unit_id=unit)}
+        assert metrics["steps"]["value"] == 2 and metrics["stop_reason"]["text"] == "max_steps"
+        zero = trials["zero-edit"]["key"]
+        z = store.fact_outcomes(zero)
+        assert z and {r["fact_set"] for r in z} == {"intrinsic"} and {r["dataset"] for r in z} == {"builtin"}
+        assert not store.transitions(trials["edit-only"]["key"])
+    again = run_study(spec, db, progress=False)  # everything finished: nothing reruns
+    assert again.done == 0 and again.failed == 0
+
+
+def test_a_sigkilled_study_resumes_without_recomputing(tiny_dir, tmp_path):
+    path = write_spec(tmp_path, tiny_dir)
+    db = tmp_path / "tiny.db"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "editdecay", "run", str(path), "--db", str(db)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    done = 0
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.3)
+            if db.exists():
+                try:
+                    with Store(db) as s:
+                        done = s.count("units", status="done")
+                except Exception:  # noqa: BLE001 - schema still being created
+                    continue
+                if done >= 3:
+                    break
+        assert proc.poll() is None, "the study finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with Store(db) as s:
+        units = s.rows("units")
+        finished = {(u["trial_key"], u["unit_id"]): u["finished"] for u in units if u["status"] == "done"}
+        assert 3 <= len(finished) < 8
+        for u in units:  # nothing partial: units not done have no rows
+            if u["status"] != "done":
+                assert s.count("fact_outcomes", trial_key=u["trial_key"], unit_id=u["unit_id"]) == 0
+                assert s.count("curves", trial_key=u["trial_key"], unit_id=u["unit_id"]) == 0
+    summary = run_study(StudySpec.from_yaml(path), db, progress=False)
+    assert summary.failed == 0 and summary.done == 8 - len(finished)  # only the unfinished units ran
+    after = check_complete(db)
+    for k, t in finished.items():  # finished units were not recomputed
+        assert after["units"][k] == t
+
+
+def test_ray_executor_runs_the_study(tiny_dir, tmp_path):
+    ray = pytest.importorskip("ray")
+    spec = StudySpec.from_yaml(write_spec(tmp_path, tiny_dir, resources={"cpus": 1, "gpus": 0}))
+    db = tmp_path / "ray.db"
+    try:
+        summary = run_study(spec, db, executor="ray", max_parallel=2, progress=False)
+    finally:
+        ray.shutdown()
+    assert summary.failed == 0 and summary.done == 8, summary.errors
+    check_complete(db)
+
+
+def test_cli_plan_and_run_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from editdecay.cli import app
+
+    r = CliRunner().invoke(app, ["plan", str(REPO / "examples" / "demo.yaml"), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["grid_points"] == 12 and len(doc["trials"]) == 9
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("axes: {ft_method: [lorra]}\n")
+    r = CliRunner().invoke(app, ["run", str(bad)])
+    assert r.exit_code != 0 and "'lorra' is not one of" in str(r.exception)
