@@ -89,6 +89,11 @@ def test_tiny_study_runs_end_to_end(tiny_dir, tmp_path):
         z = store.fact_outcomes(zero)
         assert z and {r["fact_set"] for r in z} == {"intrinsic"} and {r["dataset"] for r in z} == {"builtin"}
         assert not store.transitions(trials["edit-only"]["key"])
+        only = trials["edit-only"]["key"]  # the edit is computed once and shared by both trials
+        same = lambda k: sorted((r["case_id"], r["metric"], r["value"]) for r in store.fact_outcomes(k, unit_id=unit, stage="edited"))
+        assert same(only) == same(key)
+        secs = lambda k: [r["value"] for r in store.metrics(k, unit_id=unit) if r["name"] == "edit_seconds"]
+        assert secs(only) == secs(key)
     again = run_study(spec, db, progress=False)  # everything finished: nothing reruns
     assert again.done == 0 and again.failed == 0
 

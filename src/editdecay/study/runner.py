@@ -70,6 +70,7 @@ class Worker:
         self._selections: dict[str, Any] = {}
         self._tasks: dict[str, Any] = {}
         self._base_metrics: dict[str, dict[str, float]] = {}
+        self._edits: dict[str, tuple] = {}
 
     # resources ---------------------------------------------------------------------------
     def model(self, name: str) -> _Loaded:
@@ -207,12 +208,18 @@ class Worker:
             overrides = dict(edit.get("hparams") or {})
             if edit.get("layers"):
                 overrides["layers"] = list(edit["layers"])
-            editor = get_editor(edit["editor"], preset=edit.get("preset"), overrides=overrides, model=model)
-            te = time.perf_counter()
-            edited_layers, dropped = _apply_edit(editor, model, tok, sets.edit, edit, probe_cfg.get("mode", "greedy"))
-            info.update(edited_layers=edited_layers, dropped=dropped, edit_seconds=round(time.perf_counter() - te, 2),
-                        editor_preset=getattr(editor, "preset_info", {}).get("preset"))
-            rows.metric("edit_seconds", time.perf_counter() - te, stage="edited")
+            ekey = repr((cfg["model"], sorted(edit.items()), [f.case_id for f in sets.edit]))
+            if ekey in self._edits:  # the same edit as an earlier trial (edit-only and edit+ft share it)
+                deltas, edited_layers, dropped, secs, preset_name = self._edits[ekey]
+                _reapply(model, deltas)
+            else:
+                editor = get_editor(edit["editor"], preset=edit.get("preset"), overrides=overrides, model=model)
+                te = time.perf_counter()
+                edited_layers, dropped = _apply_edit(editor, model, tok, sets.edit, edit, probe_cfg.get("mode", "greedy"))
+                secs, preset_name = time.perf_counter() - te, getattr(editor, "preset_info", {}).get("preset")
+                self._edits[ekey] = (_changed(model, ld.pristine), edited_layers, dropped, secs, preset_name)
+            info.update(edited_layers=edited_layers, dropped=dropped, edit_seconds=round(secs, 2), editor_preset=preset_name)
+            rows.metric("edit_seconds", secs, stage="edited")
             edited_scores = rows.stage("edited", model, tok, probe_cfg)
             if drift_cfg:
                 drift_states["edited"] = _states(model, tok, drift_prompts, drift_cfg)
@@ -228,8 +235,8 @@ class Worker:
             intrinsic_all = [f for fs in sets.intrinsic.values() for f in fs]
             task_key, task = self.task(cfg["model"], ft, sets.edit + intrinsic_all)
             base = self.base_metrics(cfg["model"], task_key, task)
-            if edit:  # base_metrics reset the weights: apply the edit again from the stored deltas
-                _reapply(model, rows.edit_deltas)
+            if edit:  # loading the task and base metrics reset the weights: apply the edit again
+                _reapply(model, self._edits[ekey][0])
             params = {k: (tuple(v) if k == "betas" else v) for k, v in ft["params"].items()}
             preset = FinetunePreset(**params)
             layers = edited_layers
@@ -285,11 +292,17 @@ def _apply_edit(editor, model, tok, facts: list[FactRecord], edit: dict[str, Any
     return sorted(layers), []
 
 
-def _reapply(model, deltas: dict[str, torch.Tensor]) -> None:
+def _changed(model, pristine: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of the parameters that differ from the pristine weights (an applied edit)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not torch.equal(p.detach(), pristine[n])}
+
+
+def _reapply(model, values: dict[str, torch.Tensor]) -> None:
+    """Put an edit's parameter values back (bit-exact)."""
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for n, d in deltas.items():
-            params[n].add_(d)
+        for n, v in values.items():
+            params[n].copy_(v)
 
 
 def _drift_prompts(sets: FactSets, drift: dict[str, Any]) -> list[str]:
@@ -317,8 +330,6 @@ class _Rows:
     trans: list[TransitionRow] = field(default_factory=list)
     down: list[DownstreamRow] = field(default_factory=list)
     drifts: list[DriftRow] = field(default_factory=list)
-    edit_deltas: dict[str, torch.Tensor] = field(default_factory=dict)
-    _base_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def metric(self, name: str, value: float | None = None, text: str | None = None, stage: str = "") -> None:
         self.metrics.append(MetricRow(name, value, text, stage))
@@ -328,11 +339,6 @@ class _Rows:
         set; retention of the intrinsic sets. Returns the per-fact scores."""
         from ..evaluate.metrics import score_facts
 
-        if stage == "base":
-            self._base_state = {n: p.detach().clone() for n, p in model.named_parameters()}
-        elif stage == "edited":
-            self.edit_deltas = {n: (p.detach() - self._base_state[n]) for n, p in model.named_parameters()
-                                if not torch.equal(p.detach(), self._base_state[n])}
         mode, prob = probe.get("mode", "greedy"), probe.get("prob", "mean")
         out: dict[str, Any] = {}
         if self.sets.edit:
