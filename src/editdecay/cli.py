@@ -633,6 +633,60 @@ def trace(
 
 
 @app.command()
+def demo(
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (demo.db, report/); default: the editdecay cache's demo folder.")] = None,
+    full: Annotated[bool, typer.Option(help="A larger run: 24 facts per editor and longer fine-tuning (about 4x the time).")] = False,
+    device: DeviceOpt = None,
+) -> None:
+    """The one-command demo: a complete small study on the embedded model, offline.
+
+    Selects built-in facts the model knows, edits 8 of them with ROME and with MEMIT (and
+    keeps a no-edit baseline), fine-tunes each model with LoRA under the layer policies
+    `all` and `non-edited` on real English text shipped with Python, probes the edited
+    and intrinsic facts during training, and writes the report. Resumable: rerunning
+    with the same --out skips finished work.
+    """
+    from importlib.resources import files
+
+    import yaml
+
+    from .cache import cache_root
+    from .report import build_report, summary_table
+    from .study import StudySpec
+    from .study.runner import run_study
+
+    out = out or cache_root() / "demo"
+    raw = yaml.safe_load(files("editdecay.study").joinpath("demo.yaml").read_text(encoding="utf-8"))
+    if full:
+        raw["name"] = "demo-full"
+        raw["axes"]["n_edits"] = 24
+        raw["selection"]["n_intrinsic"] = 24
+        raw["finetune"]["overrides"]["max_steps"] = 2 * raw["finetune"]["overrides"]["max_steps"]
+    spec = StudySpec.from_dict(raw, "demo.yaml", base_dir=out)
+    out.mkdir(parents=True, exist_ok=True)
+    db = out / f"{spec.name}.db"
+    typer.echo(f"editdecay demo: {len(spec.expand())} trials on the embedded model; results in {db}", err=True)
+    summary = run_study(spec, db, device=device)
+    paths = build_report(db, out / "report", title="editdecay demo: do edits survive fine-tuning?")
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = summary_table(db)
+    t = Table(title="edited vs intrinsic retention (95% bootstrap intervals)")
+    cols = list(rows[0]) if rows else []
+    for c in cols:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[str(r[c]) for c in cols])
+    c = Console()
+    c.print(t)
+    c.print(f"{summary.done} units run, {summary.failed} failed, {summary.seconds / 60:.1f} min")
+    for e in summary.errors:
+        c.print(f"[red]failed[/red] {e}")
+    c.print(f"report: {paths.html}")
+
+
+@app.command()
 def plan(
     spec: Annotated[Path, typer.Argument(help="Study spec (YAML).", show_default=False)],
     as_json: JsonOpt = False,
@@ -686,6 +740,21 @@ def run(
     typer.echo(f"{summary.done} units done, {summary.failed} failed in {summary.seconds:.0f} s; trials {status}; results in {db}")
     for e in summary.errors:
         typer.echo(f"  failed {e}", err=True)
+
+
+@app.command()
+def report(
+    db: Annotated[Path, typer.Argument(help="Study database.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="Output directory (report.md, report.html, figures/).")],
+    study: Annotated[Optional[str], typer.Option(help="Only this study (name or id) of the database.")] = None,
+    title: Annotated[Optional[str], typer.Option(help="Report title.")] = None,
+) -> None:
+    """Markdown + self-contained HTML report regenerating the seeds' tables and figures
+    from a study database; every rate with its bootstrap 95% interval and n."""
+    from .report import build_report
+
+    paths = build_report(db, out, title=title, study=study)
+    typer.echo(f"wrote {paths.markdown}, {paths.html} and {len(paths.figures)} figures")
 
 
 @app.command("export")

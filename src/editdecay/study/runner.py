@@ -53,6 +53,8 @@ class FactSets:
     edit: list[FactRecord]
     intrinsic: dict[str, list[FactRecord]]
     dataset: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+    """Selection statistics per dataset (seed 000 Table 3)."""
 
 
 class Worker:
@@ -135,8 +137,8 @@ class Worker:
     def fact_sets(self, cfg: dict[str, Any], unit_id: str) -> FactSets:
         data, model_name = cfg["data"], cfg["model"]
         if "datasets" in data:  # zero-edit / base: the intrinsic sets of every dataset
-            sets = {d["dataset"]: self.selection(model_name, d, data["selection"]).intrinsic for d in data["datasets"]}
-            return FactSets([], sets)
+            sels = {d["dataset"]: self.selection(model_name, d, data["selection"]) for d in data["datasets"]}
+            return FactSets([], {k: v.intrinsic for k, v in sels.items()}, stats={k: v.stats for k, v in sels.items()})
         src = {k: data[k] for k in ("dataset", "path", "format", "zsre_preset")}
         s = self.selection(model_name, src, data["selection"])
         edit = list(s.edit[: cfg["edit"]["n_edits"]]) if cfg.get("edit") else []
@@ -144,7 +146,7 @@ class Worker:
             edit = [f for f in edit if f.case_id == unit_id]
             if not edit:
                 raise EditdecayError(f"unit {unit_id!r}: no such fact in the trial's edit set")
-        return FactSets(edit, {data["dataset"]: list(s.intrinsic)}, data["dataset"])
+        return FactSets(edit, {data["dataset"]: list(s.intrinsic)}, data["dataset"], {data["dataset"]: s.stats})
 
     def unit_ids(self, cfg: dict[str, Any]) -> list[str]:
         """Case ids of a ``single`` trial's units."""
@@ -194,7 +196,15 @@ class Worker:
         probe_cfg = cfg["evaluate"]["probe"]
         rows = _Rows(sets)
         info: dict[str, Any] = {"n_edit": len(sets.edit), "n_intrinsic": {k: len(v) for k, v in sets.intrinsic.items()}}
+        if len(sets.stats) == 1:
+            info["selection"] = next(iter(sets.stats.values()))  # Selection.stats (seed 000 Table 3)
+        else:
+            info["selections"] = sets.stats
+        ds = cfg["evaluate"].get("downstream")
+        ds_stages = set(ds.get("stages", [])) if ds else set()
         base_scores = rows.stage("base", model, tok, probe_cfg)
+        if "base" in ds_stages:
+            rows.downstream(model, tok, ds, self._path(ds.get("data_dir")), "base")
         edited_layers: list[int] | None = None
         drift_states: dict[str, torch.Tensor] = {}
         drift_cfg = cfg["evaluate"].get("drift")
@@ -221,6 +231,8 @@ class Worker:
             info.update(edited_layers=edited_layers, dropped=dropped, edit_seconds=round(secs, 2), editor_preset=preset_name)
             rows.metric("edit_seconds", secs, stage="edited")
             edited_scores = rows.stage("edited", model, tok, probe_cfg)
+            if "edited" in ds_stages:
+                rows.downstream(model, tok, ds, self._path(ds.get("data_dir")), "edited")
             if drift_cfg:
                 drift_states["edited"] = _states(model, tok, drift_prompts, drift_cfg)
 
@@ -252,13 +264,12 @@ class Worker:
                         n_trainable=len(result.log.trainable))
             final_model = result.lm
             ft_scores = rows.stage("finetuned", final_model, tok, probe_cfg)
+            if "finetuned" in ds_stages:
+                rows.downstream(final_model, tok, ds, self._path(ds.get("data_dir")), "finetuned")
             rows.transitions(base_scores, edited_scores if edit else base_scores, ft_scores)
             if drift_cfg:
                 drift_states["edited_finetuned" if edit else "finetuned"] = _states(final_model, tok, drift_prompts, drift_cfg)
 
-        ds = cfg["evaluate"].get("downstream")
-        if ds and "final" in ds.get("stages", ["final"]):
-            rows.downstream(final_model, tok, ds, self._path(ds.get("data_dir")), "final")
         if drift_cfg and len(drift_states) > 1:
             from ..evaluate.activations import drift_from_states
 
