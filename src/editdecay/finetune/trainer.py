@@ -91,6 +91,8 @@ class TrainLog:
     probes: list[dict[str, Any]] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    eval_seconds: float = 0.0
+    """Part of ``seconds`` spent in evaluation and probes."""
     tokens: int = 0
 
     def to_json(self) -> dict:
@@ -134,6 +136,13 @@ def train(
     t0 = time.perf_counter()
 
     def evaluate_at(step: int) -> bool:
+        te = time.perf_counter()
+        try:
+            return _evaluate_at(step)
+        finally:
+            tlog.eval_seconds += time.perf_counter() - te
+
+    def _evaluate_at(step: int) -> bool:
         was = model.training
         model.eval()
         with torch.no_grad():
