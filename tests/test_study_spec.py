@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from editdecay.editing import EDITORS
+from editdecay.finetune.presets import get_preset
 from editdecay.study import SpecError, StudySpec, estimate_cost, expand, format_plan
 from editdecay.study.spec import KINDS, config_hash, stage_seed
 
@@ -120,11 +122,11 @@ def test_keys_are_stable():
     d["axes"]["ft_method"] = ["none", "lora", "dora"]
     more = {t.key for t in expand(spec(d))}
     assert keys < more
-    # YAML's string 1e-3 and the float 0.001 are the same value; another lr is another trial
+    # YAML's string 2e-3 and the float 0.002 are the same value; another lr is another trial
     d = copy.deepcopy(base)
-    d["finetune"]["overrides"]["lr"] = "1e-3"
-    assert {t.key for t in expand(spec(d))} == keys  # cpu-unstructured's lr is 1e-3 already
     d["finetune"]["overrides"]["lr"] = "2e-3"
+    assert {t.key for t in expand(spec(d))} == keys  # the demo's lr is 2e-3 already
+    d["finetune"]["overrides"]["lr"] = "3e-3"
     changed = {t.key for t in expand(spec(d))}
     assert len(changed & keys) == 3  # base and the two edit-only trials do not fine-tune
     # the key is the hash of the config
@@ -140,9 +142,9 @@ def test_overrides_per_method_and_rules():
                         "finetune": {"max_steps": 7}}]}
     trials = {(t.axes["model"], t.axes["ft_method"]): t for t in expand(spec(d))}
     assert trials["m-a", "full"].config["finetune"]["params"]["lr"] == 1e-5
-    assert trials["m-a", "lora"].config["finetune"]["params"]["lr"] == 1e-3
+    assert trials["m-a", "lora"].config["finetune"]["params"]["lr"] == get_preset("cpu-unstructured").lr
     assert trials["m-b", "lora"].config["finetune"]["params"]["max_steps"] == 7
-    assert trials["m-a", "lora"].config["finetune"]["params"]["max_steps"] == 60
+    assert trials["m-a", "lora"].config["finetune"]["params"]["max_steps"] == get_preset("cpu-unstructured").max_steps
     assert trials["m-b", "lora"].config["edit"]["preset"] == "gpt2-xl@seed000"
     assert trials["m-a", "lora"].config["edit"]["preset"] is None
     assert trials["m-a", "lora"].config["edit"]["hparams"]["v_lr"] == 0.1
@@ -185,7 +187,7 @@ def test_zero_edit_layer_policy_needs_layers_from():
 
 BAD = [
     (["axes", "ft_method"], ["none", "lorra"], "demo.yaml: axes.ft_method[1]: 'lorra' is not one of full, lora, dora, none"),
-    (["axes", "editor"], "romee", "demo.yaml: axes.editor: 'romee' is not one of none, alphaedit, ft, memit, rome"),
+    (["axes", "editor"], "romee", "demo.yaml: axes.editor: 'romee' is not one of none, " + ", ".join(sorted(EDITORS))),
     (["axes", "layer_policy"], ["all", "window:3"],
      "demo.yaml: axes.layer_policy[1]: 'window:3' is not one of all, threshold:t, window:c,w, edited, non-edited"),
     (["axes", "protocol"], "sequential", "demo.yaml: axes.protocol: 'sequential' needs a batch size"),
