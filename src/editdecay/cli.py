@@ -273,7 +273,7 @@ def facts_score(
 def edit(
     requests: Annotated[Path, typer.Option(help="Facts to edit (any supported format).")],
     out: Annotated[Path, typer.Option(help="Output directory (results.json).")],
-    method: Annotated[str, typer.Option(help="Editing method: rome | memit | alphaedit | ft.")] = "rome",
+    method: Annotated[str, typer.Option(help="Editing method: rome | memit | alphaedit | ft | mend | malmen.")] = "rome",
     model: ModelOpt = DEFAULT_MODEL,
     protocol: Annotated[str, typer.Option(help="single (each fact alone, restored) | batch (all at once) | sequential (batches in turn).")] = "single",
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Facts per batch for --protocol sequential.")] = None,
@@ -281,6 +281,7 @@ def edit(
     hparams: Annotated[Optional[Path], typer.Option(help="YAML of hyperparameters (over the preset).")] = None,
     stats_corpus: Annotated[Optional[Path], typer.Option(help="Text corpus for the key second moments (default: offline corpus).")] = None,
     save_model: Annotated[Optional[Path], typer.Option(help="Save the edited model here (protocol single: one fact only).")] = None,
+    editor_checkpoint: Annotated[Optional[Path], typer.Option(help="A trained MEND/MALMEN hypernetwork ('editdecay train-editor --out').")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Edit only the first N facts.")] = None,
     mode: Annotated[str, typer.Option(help="Retention probe mode: greedy | masked_argmax.")] = "greedy",
     device: DeviceOpt = None,
@@ -313,7 +314,8 @@ def edit(
         overrides["stats_corpus"] = str(stats_corpus)
     m, tok = load_model(model, device=device)
     base = {"model": str(model)}  # the unedited model: fine-tuning measures loss<base-Δ against it
-    editor = get_editor(method, preset=preset, overrides=overrides, model=m)
+    extra = {"checkpoint": str(editor_checkpoint)} if editor_checkpoint is not None else {}
+    editor = get_editor(method, preset=preset, overrides=overrides, model=m, **extra)
     if protocol == "single":
         res = run_single(editor, m, tok, facts, mode=mode, keep_results=save_model is not None)
     else:
@@ -786,6 +788,11 @@ def _nan_to_none(x):
     if isinstance(x, list):
         return [_nan_to_none(v) for v in x]
     return x
+
+
+from .cli_editors import train_editor  # noqa: E402
+
+app.command("train-editor")(train_editor)
 
 
 def main() -> None:
