@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/editdecay probe "The capital of France is" "The mother tongue of Danielle Darrieux is" "Apple was founded by"
+	$(BIN)/editdecay demo --out demo-output
 
 test: $(STAMP)
 	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
