@@ -675,9 +675,9 @@ def demo(
 
     rows = summary_table(db)
     t = Table(title="edited vs intrinsic retention (95% bootstrap intervals)")
-    cols = list(rows[0]) if rows else []
+    cols = [c for c in ("trial", "edited_retention", "intrinsic_retention", "es") if rows and c in rows[0]]
     for c in cols:
-        t.add_column(c)
+        t.add_column(c.replace("_", " "), overflow="fold")
     for r in rows:
         t.add_row(*[str(r[c]) for c in cols])
     c = Console()
