@@ -13,8 +13,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import make_tiny_model
+from studies import write_tiny_spec
 
 from editdecay.evaluate.significance import rate_ci
 from editdecay.report import (
@@ -437,23 +437,7 @@ def tiny_study_db(embedded, tmp_path_factory) -> Path:
     tok = embedded[1]
     model_dir = save_model(make_tiny_model("llama", vocab_size=len(tok), max_position_embeddings=256), tok,
                            tmp / "model")
-    text = tmp / "text.txt"
-    text.write_text("\n".join(f"Line {i}: the river flows past the mill and the town of {i % 7}." for i in range(120)))
-    spec = {
-        "name": "tiny",
-        "axes": {"model": str(model_dir), "dataset": "builtin", "editor": ["none", "ft"], "n_edits": 3,
-                 "protocol": "single", "task": "unstructured", "ft_method": ["none", "lora"], "layer_policy": "all",
-                 "seed": 0},
-        "selection": {"n_intrinsic": 3, "filter": False},
-        "editors": {"ft": {"hparams": {"num_steps": 3}}},
-        "finetune": {"preset": "cpu-unstructured", "data": {"unstructured": str(text)},
-                     "overrides": {"max_steps": 2, "eval_every": 1, "n_val": 2, "block_size": 16, "batch_size": 2},
-                     "stop": ["loss<0.0"]},
-        "probes": {"every": 1},
-        "drift": {"prompts": "edit", "limit": 4},
-    }
-    path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path = write_tiny_spec(tmp, model_dir, drift={"prompts": "edit", "limit": 4})
     db = tmp / "tiny.db"
     summary = run_study(StudySpec.from_yaml(path), db, progress=False)
     assert summary.failed == 0, summary.errors

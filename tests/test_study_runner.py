@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from editdecay.study import Store, StudySpec
 from editdecay.study.runner import run_study
 
 from conftest import REPO, make_tiny_model
+from studies import write_tiny_spec
 
 
 @pytest.fixture(scope="module")
@@ -26,27 +26,6 @@ def tiny_dir(embedded, tmp_path_factory):
     tok = embedded[1]
     model = make_tiny_model("llama", vocab_size=len(tok), max_position_embeddings=256)
     return save_model(model, tok, tmp_path_factory.mktemp("tiny") / "model")
-
-
-def write_spec(tmp_path: Path, tiny_dir: Path, **extra) -> Path:
-    text = tmp_path / "text.txt"
-    text.write_text("\n".join(f"Line {i}: the river flows past the mill and the town of {i % 7}." for i in range(120)))
-    spec = {
-        "name": "tiny",
-        "axes": {"model": str(tiny_dir), "dataset": "builtin", "editor": ["none", "ft"], "n_edits": 3,
-                 "protocol": "single", "task": "unstructured", "ft_method": ["none", "lora"], "layer_policy": "all",
-                 "seed": 0},
-        "selection": {"n_intrinsic": 3, "filter": False},
-        "editors": {"ft": {"hparams": {"num_steps": 3}}},
-        "finetune": {"preset": "cpu-unstructured", "data": {"unstructured": str(text)},
-                     "overrides": {"max_steps": 2, "eval_every": 1, "n_val": 2, "block_size": 16, "batch_size": 2},
-                     "stop": ["loss<0.0"]},
-        "probes": {"every": 1},
-        **extra,
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
 
 
 def check_complete(db: Path) -> dict:
@@ -62,7 +41,7 @@ def check_complete(db: Path) -> dict:
 
 
 def test_tiny_study_runs_end_to_end(tiny_dir, tmp_path):
-    spec = StudySpec.from_yaml(write_spec(tmp_path, tiny_dir))
+    spec = StudySpec.from_yaml(write_tiny_spec(tmp_path, tiny_dir))
     db = tmp_path / "tiny.db"
     summary = run_study(spec, db, progress=False)
     assert summary.failed == 0, summary.errors
@@ -99,7 +78,7 @@ def test_tiny_study_runs_end_to_end(tiny_dir, tmp_path):
 
 
 def test_a_sigkilled_study_resumes_without_recomputing(tiny_dir, tmp_path):
-    path = write_spec(tmp_path, tiny_dir)
+    path = write_tiny_spec(tmp_path, tiny_dir)
     db = tmp_path / "tiny.db"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "editdecay", "run", str(path), "--db", str(db)],
@@ -140,7 +119,7 @@ def test_a_sigkilled_study_resumes_without_recomputing(tiny_dir, tmp_path):
 
 def test_ray_executor_runs_the_study(tiny_dir, tmp_path):
     ray = pytest.importorskip("ray")
-    spec = StudySpec.from_yaml(write_spec(tmp_path, tiny_dir, resources={"cpus": 1, "gpus": 0}))
+    spec = StudySpec.from_yaml(write_tiny_spec(tmp_path, tiny_dir, resources={"cpus": 1, "gpus": 0}))
     db = tmp_path / "ray.db"
     try:
         summary = run_study(spec, db, executor="ray", max_parallel=2, progress=False)

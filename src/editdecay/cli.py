@@ -415,8 +415,6 @@ def finetune(
                    micro_batch_size=micro_batch_size, max_steps=max_steps, eval_every=eval_every, stop=stop,
                    block_size=block_size, cutoff=cutoff, n_train=n_train, n_val=n_val,
                    bf16=bf16 or None, gradient_checkpointing=gradient_checkpointing or None)
-    if p.micro_batch_size and p.batch_size % p.micro_batch_size:
-        raise EditdecayError(f"--batch-size {p.batch_size} is not a multiple of --micro-batch-size {p.micro_batch_size}")
     edited, base_model = None, None
     if from_edit is not None:
         meta = json.loads((from_edit / "identity.json").read_text()) if (from_edit / "identity.json").exists() else {}

@@ -91,6 +91,23 @@ class ProtocolResult:
         }
 
 
+def edit_with_retries(editor, model, tokenizer, fact: FactRecord, *, verify: bool, mode: str = "greedy",
+                      prober: Prober | None = None) -> tuple[EditResult, FactScore, int, float]:
+    """Edit one fact; with ``verify``, retry from the original weights with 2× and 4× the
+    steps while the retention probe fails. The last attempt stays applied. Returns
+    ``(result, post-edit score, steps factor used, editing seconds)``."""
+    factors = (1, 2, 4) if verify else (1,)
+    seconds = 0.0
+    for factor in factors:
+        res = editor.edit(model, tokenizer, [fact], steps_factor=factor)
+        seconds += res.seconds
+        post = score_facts(model, tokenizer, [fact], mode=mode, prober=prober).facts[0]
+        if not verify or post.retained_new or factor == factors[-1]:
+            return res, post, factor, seconds
+        res.restore(model)  # retry from the original weights
+    raise AssertionError("unreachable")
+
+
 def run_single(
     editor,
     model,
@@ -108,17 +125,7 @@ def run_single(
     pre = score_facts(model, tokenizer, facts, mode=mode, prober=prober).facts
     outcomes = []
     for fact, pre_f in tqdm(list(zip(facts, pre)), desc=f"{editor.name} single", unit="fact", disable=not progress):
-        factors = (1, 2, 4) if verify else (1,)
-        seconds = 0.0
-        post_f, res, used = None, None, factors[-1]
-        for factor in factors:
-            res = editor.edit(model, tokenizer, [fact], steps_factor=factor)
-            seconds += res.seconds
-            post_f = score_facts(model, tokenizer, [fact], mode=mode, prober=prober).facts[0]
-            used = factor
-            if not verify or post_f.retained_new:
-                break
-            res.restore(model)  # retry from the original weights
+        res, post_f, used, seconds = edit_with_retries(editor, model, tokenizer, fact, verify=verify, mode=mode, prober=prober)
         dropped = bool(verify and not post_f.retained_new)
         layers = res.edited_layers(model)
         if not dropped:

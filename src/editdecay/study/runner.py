@@ -15,6 +15,7 @@ actors, each a worker with the spec's CPU/GPU requests; the driver writes result
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -282,20 +283,16 @@ class Worker:
 
 def _apply_edit(editor, model, tok, facts: list[FactRecord], edit: dict[str, Any], mode: str) -> tuple[list[int], list[str]]:
     """Apply the unit's edit (kept in the model). ``single`` retries with 2×/4× steps when
-    the editor's ``verify`` is on (as :func:`~editdecay.editing.protocols.run_single`);
+    the editor's ``verify`` is on (:func:`~editdecay.editing.protocols.edit_with_retries`;
+    a fact that never passes keeps its last attempt and is listed as dropped);
     ``sequential`` applies batches in turn."""
-    from ..evaluate.metrics import score_facts
+    from ..editing.protocols import edit_with_retries
 
     protocol = edit["protocol"]
     if protocol == "single":
         verify = getattr(getattr(editor, "hparams", None), "verify", False)
-        for factor in (1, 2, 4) if verify else (1,):
-            res = editor.edit(model, tok, facts, steps_factor=factor) if factor > 1 else editor.edit(model, tok, facts)
-            if not verify or score_facts(model, tok, facts, mode=mode).facts[0].retained_new:
-                return res.edited_layers(model), []
-            res.restore(model)
-        res = editor.edit(model, tok, facts)  # keep the plain edit; record the fact as not verified
-        return res.edited_layers(model), [f.case_id for f in facts]
+        res, post, _, _ = edit_with_retries(editor, model, tok, facts[0], verify=verify, mode=mode)
+        return res.edited_layers(model), [] if not verify or post.retained_new else [facts[0].case_id]
     size = edit.get("batch_size") or len(facts)
     layers: set[int] = set()
     for i in range(0, len(facts), size):
@@ -398,8 +395,6 @@ class _Rows:
             for f, ds, ok in zip(intrinsic, datasets, p.get("per_fact", {}).get("intrinsic", [])):
                 self.facts.append(FactRow(f.case_id, "intrinsic", f"step:{step}", "retained", float(ok), None, ds))
             for top in p.get("top", []):
-                import json
-
                 self.facts.append(FactRow(top["case_id"], "edit", f"step:{step}", "top_k", None, json.dumps(top["tokens"]), sets.dataset))
         self.metric("steps", log.steps, stage="finetuned")
         self.metric("stop_reason", None, log.stop_reason, stage="finetuned")
