@@ -160,3 +160,27 @@ def test_rome_single_protocol_on_filtered_counterfact(embedded, cf_facts10):
     assert doc["edited_layers"] == [5] and doc["dropped"] == []
     assert torch.equal(dict(model.named_parameters())[name], before)
     assert Prober(model, tok).first_non_stop([facts[0].text])[0].token.strip() == facts[0].target_true.split()[0]
+
+
+def test_run_single_restores_the_model_after_a_dropped_fact(embedded):
+    """A fact that never passes verification is dropped and its last attempt undone."""
+    from editdecay.editing.base import EditResult, snapshot
+    from editdecay.editing.protocols import run_single
+    from editdecay.facts.datasets import load_facts
+
+    model, tok = embedded
+    name = "model.layers.3.mlp.down_proj.weight"
+
+    class Nudge:  # changes a weight slightly, never enough to flip a fact
+        name, hparams = "nudge", type("H", (), {"verify": True})()
+
+        def edit(self, model, tok, facts, steps_factor=1):
+            orig = snapshot(model, [name])
+            with torch.no_grad():
+                dict(model.named_parameters())[name][0, 0] += 1e-4 * steps_factor
+            return EditResult("nudge", [f.case_id for f in facts], orig, {name: torch.ones(1)}, 0.0)
+
+    before = dict(model.named_parameters())[name].detach().clone()
+    res = run_single(Nudge(), model, tok, load_facts("", format="builtin")[:2], progress=False)
+    assert res.dropped == [f.case_id for f in load_facts("", format="builtin")[:2]]
+    assert torch.equal(dict(model.named_parameters())[name], before)

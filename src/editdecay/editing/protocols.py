@@ -128,9 +128,8 @@ def run_single(
         res, post_f, used, seconds = edit_with_retries(editor, model, tokenizer, fact, verify=verify, mode=mode, prober=prober)
         dropped = bool(verify and not post_f.retained_new)
         layers = res.edited_layers(model)
-        if not dropped:
-            res.restore(model)
-        else:
+        res.restore(model)  # every fact is edited alone: a dropped fact's last attempt is undone too
+        if dropped:
             log.warning("%s: fact %s not edited after %d× steps; dropped", editor.name, fact.case_id, used)
         outcomes.append(FactOutcome(fact.case_id, pre_f, post_f, seconds, layers, used, dropped,
                                     res if keep_results else None))
