@@ -45,7 +45,7 @@ def test_demo_spec_loads_and_plans():
     assert sum(len(t.points) for t in trials) == 12
     assert all(t.unit_count == 1 for t in trials)
     cost = estimate_cost(trials)
-    assert cost["edited_facts"] == 6 * 8 and cost["edit_calls"] == 6 and cost["finetune_runs"] == 6
+    assert cost["edited_facts"] == 6 * 8 and cost["edit_calls"] == 2 and cost["finetune_runs"] == 6  # 2 edits, each shared by 3 trials
     assert cost["cpu_seconds"]["total"] > 0
     plan = format_plan(s, trials)
     assert all(t.key[:12] in plan for t in trials)
@@ -129,6 +129,17 @@ def test_keys_are_stable():
     d["finetune"]["overrides"]["lr"] = "3e-3"
     changed = {t.key for t in expand(spec(d))}
     assert len(changed & keys) == 3  # base and the two edit-only trials do not fine-tune
+    # hygiene off (the default, or written out) keeps the keys; on changes the fine-tuning trials
+    d = copy.deepcopy(base)
+    d["finetune"]["hygiene"] = False
+    assert {t.key for t in expand(spec(d))} == keys
+    d["finetune"]["hygiene"] = True
+    trials = expand(spec(d))
+    assert len({t.key for t in trials} & keys) == 3
+    assert all(t.config["finetune"]["hygiene"] for t in trials if t.config["finetune"])
+    d["finetune"]["hygiene"] = "yes"
+    with pytest.raises(SpecError, match=r"finetune\.hygiene: expected true or false"):
+        spec(d)
     # the key is the hash of the config
     t = expand(spec(base))[-1]
     assert t.key == config_hash(t.config) == t.config_hash and len(t.key) == 64
@@ -251,3 +262,43 @@ def test_downstream_and_drift_settings():
     cost = estimate_cost(trials)
     assert cost["downstream_evals"] == sum(2 * len(t.config["evaluate"]["downstream"]["stages"]) for t in trials)
     assert cost["downstream_items"] == 5 * cost["downstream_evals"]
+    # log-likelihood context: cloze reaches the evaluator's options; a bad value names the field
+    d["downstream"]["ll_context"] = "cloze"
+    t = expand(spec(d))[-1]
+    assert t.config["evaluate"]["downstream"]["ll_context"] == "cloze"
+    d["downstream"]["ll_context"] = "clozed"
+    with pytest.raises(SpecError, match=r"downstream.*ll_context"):
+        spec(d)
+
+
+@pytest.mark.parametrize("name", ["seed000-retention", "seed000-retention-cpu", "seed001-decay", "seed001-decay-cpu"])
+def test_replication_specs_plan(name):
+    """The shipped replication specs validate against the presets and expand into the
+    grids their headers describe (no model is loaded)."""
+    s = StudySpec.from_yaml(DEMO.parent / f"{name}.yaml")
+    trials = expand(s)
+    cost = estimate_cost(trials)
+    axes = [t.axes for t in trials]
+    edited = [a for a in axes if a["editor"] != "none"]
+    if name.startswith("seed000"):
+        assert {a["editor"] for a in edited} == {"ft", "rome", "malmen"}
+        assert {a["task"] for a in axes if a["task"]} == {"unstructured", "structured", "classification", "sft"}
+        policies = {a["layer_policy"] for a in edited if a["layer_policy"]}
+        assert sum(p.startswith("threshold:") for p in policies) == 4 and sum(p.startswith("window:") for p in policies) >= 4
+        assert len({str(a["edit_layers"]) for a in edited if a["editor"] == "rome"}) >= 4  # the Fig. 5 sweep
+        assert all(t.config["finetune"]["hygiene"] for t in trials if t.config["finetune"])
+        protocol = "single" if name == "seed000-retention" else "batch"
+    else:
+        assert {a["editor"] for a in edited} == {"memit", "alphaedit", "mend"}
+        assert {a["ft_method"] for a in axes} == {"none", "lora", "dora", "full"}
+        assert {a["layer_policy"] for a in edited if a["layer_policy"]} == {"all", "edited", "non-edited"}
+        assert {a["task"] for a in axes if a["task"]} == {"commonsense", "hotpotqa"}
+        assert {a["n_edits"] for a in edited if a["editor"] == "mend"} == ({1000, 10000} if name == "seed001-decay" else {24})
+        assert cost["downstream_evals"] > 0 and cost["drift_runs"] > 0
+        protocol = "batch"
+    assert {a["protocol"] for a in edited} == {protocol}
+    if name.endswith("-cpu"):
+        assert {a["model"] for a in axes} == {"smollm2-135m-instruct-q4_1"}
+        assert cost["cpu_seconds"]["total"] < 45 * 60
+    else:
+        assert len({a["model"] for a in axes}) >= 2

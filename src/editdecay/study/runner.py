@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..errors import EditdecayError
 from ..facts.record import FactRecord
-from .spec import StudySpec
+from .spec import DOWNSTREAM_OPTIONS, StudySpec
 from .store import CurvePoint, DownstreamRow, DriftRow, FactRow, MetricRow, Store, TransitionRow, UnitRows
 
 log = logging.getLogger(__name__)
@@ -153,23 +153,30 @@ class Worker:
         """Case ids of a ``single`` trial's units."""
         return [f.case_id for f in self.fact_sets(cfg, "").edit]
 
-    def task(self, model_name: str, ft: dict[str, Any], exclude: Sequence[FactRecord]):
+    def task(self, model_name: str, ft: dict[str, Any], exclude: Sequence[FactRecord], edited: Sequence[FactRecord]):
+        """The fine-tuning task of ``ft`` (cached); ``exclude``: facts kept out of the
+        structured task's training facts; with ``hygiene``, documents mentioning an
+        ``edited`` fact are dropped (per fact under single; seed 000 §4.1)."""
         from ..finetune.tasks import load_task
 
         p = ft["params"]
+        hygiene = sorted(f.case_id for f in edited) if ft.get("hygiene") and edited else None
         key = repr((model_name, ft["task"], ft.get("data"), p.get("n_train"), p.get("n_val"), p.get("cutoff"),
-                    p.get("block_size"), p.get("seed"), sorted(f.case_id for f in exclude)))
+                    p.get("block_size"), p.get("seed"), sorted(f.case_id for f in exclude), hygiene)), hygiene is not None
         if key not in self._tasks:
+            filtered = [k for k in self._tasks if k[1]]
+            if hygiene is not None and len(filtered) >= 8:  # a filtered copy per fact under single: keep the latest few
+                del self._tasks[filtered[0]]
             ld = self.model(model_name)
             self.reset(model_name)
             data = self._path(ft.get("data"))
             self._tasks[key] = load_task(ft["task"], ld.tokenizer, data, model=ld.model, n_train=p.get("n_train"),
                                          n_val=p.get("n_val"), cutoff=p.get("cutoff"),
                                          block_size=p.get("block_size") or 128, seed=p.get("seed", 0),
-                                         exclude_facts=list(exclude))
+                                         exclude_facts=list(exclude), hygiene_facts=list(edited) if hygiene else None)
         return key, self._tasks[key]
 
-    def base_metrics(self, model_name: str, task_key: str, task) -> dict[str, float]:
+    def base_metrics(self, model_name: str, task_key: tuple, task) -> dict[str, float]:
         """The unedited model's validation metrics on the task (loss<base-Δ)."""
         if task_key not in self._base_metrics:
             self.reset(model_name)
@@ -217,6 +224,8 @@ class Worker:
         edited_scores = None
         if edit:
             overrides = dict(edit.get("hparams") or {})
+            if overrides.get("checkpoint"):  # a trained MEND/MALMEN network, relative to the spec's folder
+                overrides["checkpoint"] = str(self._path(overrides["checkpoint"]))
             if edit.get("layers"):
                 overrides["layers"] = list(edit["layers"])
             ekey = repr((cfg["model"], sorted(edit.items()), [f.case_id for f in sets.edit]))
@@ -246,8 +255,10 @@ class Worker:
             from ..finetune.run import finetune
 
             intrinsic_all = [f for fs in sets.intrinsic.values() for f in fs]
-            task_key, task = self.task(cfg["model"], ft, sets.edit + intrinsic_all)
+            task_key, task = self.task(cfg["model"], ft, sets.edit + intrinsic_all, sets.edit)
             base = self.base_metrics(cfg["model"], task_key, task)
+            if task.info.get("hygiene"):
+                info["hygiene"] = {k: v for k, v in task.info["hygiene"].items() if k != "words"}
             if edit:  # loading the task and base metrics reset the weights: apply the edit again
                 _reapply(model, self._edits[ekey][0])
             params = {k: (tuple(v) if k == "betas" else v) for k, v in ft["params"].items()}
@@ -417,7 +428,7 @@ class _Rows:
 
         if data_dir is None:
             raise EditdecayError("downstream.data_dir is required (the LLM-Adapters commonsense test files)")
-        opts = dict(ds.get("options") or {})
+        opts = {k: ds[k] for k in DOWNSTREAM_OPTIONS if k in ds}  # the spec's evaluator options (flat in the config)
         res = evaluate_downstream(model, tok, list(ds["tasks"]), data_dir, mode=ds.get("mode", "gen"),
                                   limit=ds.get("limit"), batch_size=ds.get("batch_size", 16), progress=False, **opts)
         for name, r in res.to_dict()["tasks"].items():

@@ -50,6 +50,9 @@ NONE = "none"
 BUILTIN_DATASET = "builtin"
 POLICY_FORMS = "all, threshold:t, window:c,w, edited, non-edited"
 DOWNSTREAM_STAGES = ("final", "base", "edited", "finetuned")
+#: Evaluator options of a ``downstream:`` block (``DownstreamConfig`` fields; part of the keys when given).
+DOWNSTREAM_OPTIONS = ("num_beams", "max_new_tokens", "prompt_style", "response_prefix", "ll_norm", "ll_target",
+                      "ll_context")
 DRIFT_PROMPTS = ("edit", "intrinsic", "both")
 #: Trial kinds in plan order (baselines first).
 KINDS = ("base", "zero-edit", "edit-only", "edit+ft")
@@ -59,11 +62,10 @@ _KEYS = {
     "dataset": ("path", "format", "zsre_preset"),
     "selection": ("n_edit", "n_intrinsic", "margin", "mode", "seed", "filter"),
     "editor": ("preset", "hparams"),
-    "finetune": ("preset", "overrides", "stop", "per_task", "per_method", "layers_from", "data"),
+    "finetune": ("preset", "overrides", "stop", "per_task", "per_method", "layers_from", "data", "hygiene"),
     "rule": ("when", "editors", "finetune"),
     "probes": ("every", "every_epochs", "mode", "prob", "token_categories", "top_k"),
-    "downstream": ("tasks", "mode", "limit", "stages", "data_dir", "batch_size", "num_beams", "max_new_tokens",
-                   "prompt_style", "response_prefix", "ll_norm", "ll_target"),
+    "downstream": ("tasks", "mode", "limit", "stages", "data_dir", "batch_size", *DOWNSTREAM_OPTIONS),
     "drift": ("prompts", "position", "limit", "batch_size"),
     "resources": ("cpus", "gpus", "memory_gb"),
 }
@@ -380,7 +382,9 @@ class FinetuneSettings:
     (``cpu-{task}``, ``seed001-{task}-{method}``); ``per_task``/``per_method`` values are
     preset fields (plus ``preset``); ``stop`` replaces the preset's rules; ``layers_from``
     names the editor whose blocks ``edited``/``non-edited`` mean on the zero-edit
-    baseline; ``data`` maps a task to its training data (None: the task's default)."""
+    baseline; ``data`` maps a task to its training data (None: the task's default);
+    ``hygiene`` drops training documents that mention the unit's edited facts (seed 000
+    §4.1: per fact under protocol ``single``)."""
 
     preset: str = "cpu-{task}"
     overrides: Mapping[str, Any] = field(default_factory=dict)
@@ -389,6 +393,7 @@ class FinetuneSettings:
     per_method: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     layers_from: str | None = None
     data: Mapping[str, str | None] = field(default_factory=dict)
+    hygiene: bool = False
 
 
 @dataclass(frozen=True)
@@ -785,6 +790,7 @@ def _parse_finetune(v: Any, at: _At) -> FinetuneSettings:
         per_method=per_method,
         layers_from=lf,
         data=data,
+        hygiene=_bool(d.get("hygiene", False), at / "hygiene"),
     )
 
 
@@ -847,8 +853,7 @@ def _parse_downstream(v: Any, at: _At) -> DownstreamSettings | None:
     stages = tuple(dict.fromkeys(
         _choice(s, (at / "stages")[i] if isinstance(stages_v, list) else at / "stages", DOWNSTREAM_STAGES)
         for i, s in enumerate(_as_list(stages_v, at / "stages"))))
-    opts = {k: d[k] for k in ("num_beams", "max_new_tokens", "prompt_style", "response_prefix", "ll_norm", "ll_target")
-            if k in d}
+    opts = {k: d[k] for k in DOWNSTREAM_OPTIONS if k in d}
     opts = _coerce_fields(DownstreamConfig, opts, at)
     mode = _choice(d.get("mode", "gen"), at / "mode", MODES)
     limit = _opt(d.get("limit"), _int, at / "limit", 1)
@@ -966,8 +971,11 @@ def _finetune_config(spec: StudySpec, point: Mapping[str, Any], at: _At, pr: _Pr
     pre = _build(FinetunePreset, _coerce_fields(FinetunePreset, params, at / "finetune"), at / "finetune",
                  f" (preset {name}, task {task}, method {method})")
     resolved = json.loads(canonical_json(pre.to_dict()))
-    return {"task": task, "method": method, "policy": point["layer_policy"], "preset": name,
-            "params": resolved, "data": fs.data.get(task)}
+    out = {"task": task, "method": method, "policy": point["layer_policy"], "preset": name,
+           "params": resolved, "data": fs.data.get(task)}
+    if fs.hygiene:  # only when on, so that existing trial keys stay as they were
+        out["hygiene"] = True
+    return out
 
 
 def _point_config(spec: StudySpec, point: Mapping[str, Any], at: _At, pr: _Presets) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -1063,7 +1071,7 @@ class CostModel:
     7B model on a CPU, divide by ~20–100 on a GPU. Estimates, not promises."""
 
     edit_s: Mapping[str, float] = field(default_factory=lambda: {"rome": 8.0, "ft": 3.0, "memit": 4.0,
-                                                                  "alphaedit": 4.0})
+                                                                  "alphaedit": 4.0, "mend": 0.3, "malmen": 0.3})
     """Seconds per edited fact (target optimisation dominates; batched editors share it)."""
     edit_default_s: float = 8.0
     stats_pass_s: float = 60.0
@@ -1093,7 +1101,9 @@ def estimate_cost(trials: Iterable[Trial], cost_model: CostModel | None = None) 
     """Counts and rough CPU seconds of running ``trials``.
 
     Counts: ``trials``, ``units``, ``edited_facts`` (facts edited, summed over trials),
-    ``edit_calls`` (editor invocations: one per fact under single, per batch otherwise),
+    ``edit_calls`` (editor invocations: one per fact under single, per batch otherwise;
+    trials that share an edit — same model, facts and editor settings — share its calls
+    and seconds, as the runner reuses it),
     ``stats_passes`` (distinct second-moment passes, cached), ``finetune_runs`` (one per
     unit that fine-tunes: under single one per fact), ``finetune_steps`` (at most),
     ``downstream_evals`` (model × task evaluations) and ``downstream_items``,
@@ -1105,6 +1115,7 @@ def estimate_cost(trials: Iterable[Trial], cost_model: CostModel | None = None) 
                        "downstream_evals", "downstream_items", "probe_evals", "drift_runs"), 0)
     secs = dict.fromkeys(("edit", "stats", "finetune", "probe", "downstream", "drift"), 0.0)
     stats: set[str] = set()
+    edits: set[str] = set()
     by_kind = dict.fromkeys(KINDS, 0)
     for t in trials:
         cfg = t.config
@@ -1120,9 +1131,11 @@ def estimate_cost(trials: Iterable[Trial], cost_model: CostModel | None = None) 
         if edit is not None:
             n = edit["n_edits"]
             c["edited_facts"] += n
-            calls = n if edit["protocol"] == "single" else math.ceil(n / (edit["batch_size"] or n))
-            c["edit_calls"] += calls
-            secs["edit"] += n * cm.edit_s.get(edit["editor"], cm.edit_default_s)
+            ekey = canonical_json([cfg["model"], cfg["data"], edit])
+            if ekey not in edits:  # the runner reuses an edit for every trial that shares it
+                edits.add(ekey)
+                c["edit_calls"] += n if edit["protocol"] == "single" else math.ceil(n / (edit["batch_size"] or n))
+                secs["edit"] += n * cm.edit_s.get(edit["editor"], cm.edit_default_s)
             if edit["editor"] != "ft":
                 stats.add(canonical_json([cfg["model"], edit["editor"], edit["preset"], edit["layers"]]))
             if edit["protocol"] == "single":  # each fact's model probes the fact and the intrinsic set
