@@ -54,9 +54,17 @@ def test_trace_cli_on_one_fact(embedded, tmp_path):
 
     write_facts([FactRecord("e", "Eiffel Tower", "The {} is located in the city of", "Rome", "Paris")], tmp_path / "f.jsonl")
     r = runner.invoke(app, ["trace", "--facts", str(tmp_path / "f.jsonl"), "--out", str(tmp_path / "t"), "--samples", "2",
-                            "--heatmaps", "1", "--json"])
+                            "--heatmaps", "1", "--db", str(tmp_path / "s.db"), "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert set(doc["mean_effect"]) == {"overall", "mlp", "attn"} and len(doc["mean_effect"]["mlp"]) == 30
     assert len(doc["suggested"]["layers"]) == 5 and (tmp_path / "t" / "effects.png").exists()
     assert (tmp_path / "t" / "heatmap_0.png").exists()
+    # --db records the trace: the report's tracing section (seed 001 Figs. 6-7) reads it
+    from editdecay.report.data import StudyData
+    from editdecay.report.sections import s001_fig67
+
+    sec = s001_fig67(StudyData(tmp_path / "s.db", n_boot=200))
+    assert sec.has_data and sec.figures
+    peaks = {row[1]: int(row[3]) for row in sec.tables[0].rows}
+    assert peaks == doc["peak_layers"]

@@ -360,6 +360,7 @@ def test_sections_never_crash_on_empty_or_baseline_only_databases(empty_db, base
 
 
 def test_summary_table_rows(synthetic_db):
+    assert summary_table(synthetic_db, study="1") == summary_table(synthetic_db, study="synthetic")  # --study id
     rows = summary_table(synthetic_db)
     assert set(rows[0]) == {"trial", "kind", "key", "status", "n_edits", "edited_retention", "intrinsic_retention",
                             "es", "stop_reason"}

@@ -551,7 +551,8 @@ def eval_drift(
     Pairs: edited vs base, fine-tuned vs base, edited+fine-tuned vs edited (those whose
     models are given); cosines between the displacements. LoRA adapters are merged.
     JSON schema: DriftResult.to_json(): {"position", "n_prompts", "n_blocks", "norms":
-    {pair: [per block]}, "cosines": {pair: [per block]}, "normalised": {...}}.
+    {pair: [per block]}, "cosines": {pair: [per block]}, "norms_normalised": {...}, "eps", "pairs",
+    "cosine_pairs"}.
     """
     from .evaluate.activations import drift
     from .facts.datasets import load_facts
@@ -599,6 +600,7 @@ def trace(
     limit: Annotated[Optional[int], typer.Option(min=1, help="Trace only the first N facts.")] = None,
     samples: Annotated[int, typer.Option(min=1, help="Noise samples per restoration.")] = 10,
     heatmaps: Annotated[int, typer.Option(min=0, help="Write token × layer heat maps for the first N facts.")] = 3,
+    db: Annotated[Optional[Path], typer.Option(help="Also record OUT/trace.json in this study database (artefact of kind 'trace'), for the report's Figs. 6–7 section.")] = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -626,6 +628,14 @@ def trace(
     doc = _nan_to_none({"n_facts": len(fs), "mean_effect": mean, "peak_layers": res.peak_layers(),
                         "suggested": {"peak": peak, "layers": layers}, "facts": res.to_json()})
     _write_json(out / "trace.json", doc)
+    if db is not None:
+        from .models.loading import model_identity
+        from .study.store import Store
+
+        with Store(db) as store:
+            store.add_artefact(f"trace:{(out / 'trace.json').resolve()}", "trace", (out / "trace.json").resolve(),
+                               meta={"model": str(model), "identity": model_identity(m), "facts": str(facts),
+                                     "n_facts": len(fs), "label": f"{model} ({len(fs)} facts)"})
     if as_json:
         typer.echo(json.dumps(doc))
         return

@@ -430,6 +430,8 @@ class StudyData:
         names = {s["id"]: s["name"] for s in self.studies}
         if study is not None:
             sid = study if isinstance(study, int) else self.store.study_id(str(study))
+            if sid is None and str(study).isdigit():  # an id given as text (the CLI's --study 2)
+                sid = int(study)
             if sid is None or sid not in names:
                 known = ", ".join(sorted(set(names.values()))) or "none"
                 raise ReportError(f"{self.store.path}: no study {study!r} (studies: {known})")

@@ -906,11 +906,16 @@ def s001_fig3(d: StudyData) -> Section:
 
 
 def _load_trace(path: Path) -> dict[str, Any] | None:
+    """A trace artefact: ``FactsTrace.to_json()``, or ``editdecay trace``'s trace.json
+    (which holds it under ``facts``)."""
     try:
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         log.warning("trace artefact %s unreadable: %s", path, e)
         return None
+    if isinstance(doc, dict) and isinstance(doc.get("facts"), dict) and "effects" in doc["facts"]:
+        return doc["facts"]
+    return doc
 
 
 def s001_fig67(d: StudyData) -> Section:
@@ -925,8 +930,8 @@ def s001_fig67(d: StudyData) -> Section:
             docs.append((a, doc))
     if not docs:
         return _no_data(sid, title, src, "no causal-tracing results in the store: tracing is not a spec axis; record "
-                        "`editdecay.evaluate.tracing.trace_facts(...).to_json()` files as artefacts of kind `trace` "
-                        "(Store.add_artefact) to include seed 001 Figs. 6–7 (restoration effect per layer: overall, "
+                        "traces with `editdecay trace --db DB` (or `trace_facts(...).to_json()` files as artefacts of kind "
+                        "`trace`, Store.add_artefact) to include seed 001 Figs. 6–7 (restoration effect per layer: overall, "
                         "MLP, attention)")
     panels, rows = [], []
     for a, doc in docs[:MAX_PANELS]:
