@@ -8,17 +8,10 @@ import torch
 from editdecay.editing.hypernet import capture_factors, train_hypernet
 from editdecay.editing.malmen import MALMEN, MALMENHyperParams, malmen_hparams, solve_shift
 
-from test_mend import FAST, synthetic_facts, tiny, word_tokenizer, WORDS  # the shared synthetic facts
+import hypernets
+from hypernets import FAST, tiny
 
-
-@pytest.fixture(scope="module")
-def tok():
-    return word_tokenizer(WORDS)
-
-
-@pytest.fixture(scope="module")
-def facts():
-    return synthetic_facts()
+tok, facts = hypernets.tok, hypernets.facts  # the shared synthetic facts (module-scoped fixtures)
 
 
 @pytest.mark.parametrize("n", [5, 40])  # fewer rows than key dimensions (dual form) and more (primal)
