@@ -10,6 +10,7 @@ import yaml
 
 
 def write_tiny_spec(tmp_path: Path, tiny_dir: Path, **extra) -> Path:
+    """Write the tiny spec; ``extra`` blocks are merged into it (``axes={"protocol": "batch"}``)."""
     text = tmp_path / "text.txt"
     text.write_text("\n".join(f"Line {i}: the river flows past the mill and the town of {i % 7}." for i in range(120)))
     spec = {
@@ -23,8 +24,9 @@ def write_tiny_spec(tmp_path: Path, tiny_dir: Path, **extra) -> Path:
                      "overrides": {"max_steps": 2, "eval_every": 1, "n_val": 2, "block_size": 16, "batch_size": 2},
                      "stop": ["loss<0.0"]},
         "probes": {"every": 1},
-        **extra,
     }
+    for key, value in extra.items():  # a mapping updates the block of that name, anything else sets it
+        spec[key] = {**spec[key], **value} if isinstance(value, dict) and key in spec else value
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

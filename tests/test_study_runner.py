@@ -148,8 +148,6 @@ def test_editor_checkpoint_resolves_against_the_spec_folder(tiny_dir, tmp_path, 
     """A MEND checkpoint named relative to the spec is found from any working directory."""
     import json
 
-    import yaml
-
     from editdecay.editing import get_editor
     from editdecay.models import load_model
 
@@ -157,11 +155,8 @@ def test_editor_checkpoint_resolves_against_the_spec_folder(tiny_dir, tmp_path, 
     editor = get_editor("mend", model=model, overrides={"layers": [2], "rank": 4})
     editor.prepare(model)  # the untrained (identity) network is enough to test the path
     editor.save(tmp_path / "ck", model)
-    path = write_tiny_spec(tmp_path, tiny_dir)
-    d = yaml.safe_load(path.read_text())
-    d["axes"].update(editor="mend", ft_method="none", protocol="batch")
-    d["editors"] = {"mend": {"hparams": {"checkpoint": "ck"}}}
-    path.write_text(yaml.safe_dump(d))
+    path = write_tiny_spec(tmp_path, tiny_dir, axes={"editor": "mend", "ft_method": "none", "protocol": "batch"},
+                           editors={"mend": {"hparams": {"checkpoint": "ck"}}})
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -178,19 +173,13 @@ def test_hygiene_filters_each_units_facts(tiny_dir, tmp_path):
     that mention it (not those of the other facts); the counts are in the unit's info."""
     import json
 
-    import yaml
-
     from editdecay.facts.datasets import load_facts
 
-    path = write_tiny_spec(tmp_path, tiny_dir)
-    d = yaml.safe_load(path.read_text())
     facts = load_facts("", format="builtin")
     text = tmp_path / "mentions.txt"  # one paragraph per builtin subject, then neutral ones
     text.write_text("\n\n".join([f"Something about {f.subject}." for f in facts]
                                 + [f"Paragraph {i} of plain filler." for i in range(40)]))
-    d["finetune"]["data"] = {"unstructured": str(text)}
-    d["finetune"]["hygiene"] = True
-    path.write_text(yaml.safe_dump(d))
+    path = write_tiny_spec(tmp_path, tiny_dir, finetune={"data": {"unstructured": str(text)}, "hygiene": True})
     spec = StudySpec.from_yaml(path)
     assert all(t.config["finetune"]["hygiene"] for t in spec.expand() if t.config["finetune"])
     summary = run_study(spec, tmp_path / "h.db", progress=False)
@@ -198,20 +187,18 @@ def test_hygiene_filters_each_units_facts(tiny_dir, tmp_path):
     with Store(tmp_path / "h.db") as store:
         key = next(t["key"] for t in store.trials() if t["kind"] == "edit+ft")
         infos = {u["unit_id"]: json.loads(u["info_json"])["hygiene"] for u in store.units(key)}
+        zero = next(t["key"] for t in store.trials() if t["kind"] == "zero-edit")
+        zero_info = json.loads(store.units(zero)[0]["info_json"])
     assert len(infos) == 3
     n_docs = len(facts) + 40
     for h in infos.values():  # the unit's own subject paragraph at least, far from all of them
         assert h["n_docs"] == n_docs and 1 <= h["n_dropped"] < len(facts) // 4 and h["n_kept"] >= 40, h
-    with Store(tmp_path / "h.db") as store:  # nothing to filter for the zero-edit baseline
-        zero = next(t["key"] for t in store.trials() if t["kind"] == "zero-edit")
-        assert "hygiene" not in json.loads(store.units(zero)[0]["info_json"])
+    assert "hygiene" not in zero_info  # nothing to filter for the zero-edit baseline
 
 
 def test_downstream_rows_and_evaluator_options(tiny_dir, tmp_path, shared_data, monkeypatch):
     """A downstream block scores every applicable stage, and its options (here the cloze
     context) reach the evaluator."""
-    import yaml
-
     import editdecay.evaluate.downstream as dsmod
 
     seen = []
@@ -222,12 +209,9 @@ def test_downstream_rows_and_evaluator_options(tiny_dir, tmp_path, shared_data, 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(dsmod, "evaluate_downstream", spy)
-    path = write_tiny_spec(tmp_path, tiny_dir)
-    d = yaml.safe_load(path.read_text())
-    d["axes"].update(protocol="batch")
-    d["downstream"] = {"tasks": ["boolq", "arc-e"], "mode": "ll", "limit": 3, "ll_context": "cloze",
-                       "stages": ["final", "edited"], "data_dir": str(shared_data / "commonsense")}
-    path.write_text(yaml.safe_dump(d))
+    path = write_tiny_spec(tmp_path, tiny_dir, axes={"protocol": "batch"},
+                           downstream={"tasks": ["boolq", "arc-e"], "mode": "ll", "limit": 3, "ll_context": "cloze",
+                                       "stages": ["final", "edited"], "data_dir": str(shared_data / "commonsense")})
     summary = run_study(StudySpec.from_yaml(path), tmp_path / "d.db", progress=False)
     assert summary.failed == 0, summary.errors
     assert seen and all(k["ll_context"] == "cloze" and k["mode"] == "ll" and k["limit"] == 3 for k in seen)
