@@ -84,17 +84,9 @@ def probe(
     if as_json:
         typer.echo(json.dumps(doc, ensure_ascii=False))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"next tokens ({model})")
-    table.add_column("prompt")
-    table.add_column("first non-stop")
-    table.add_column(f"top {top_k}")
-    for r in doc["results"]:
-        tops = "  ".join(f"{t['token']!r} {t['prob']:.3f}" for t in r["top"])
-        table.add_row(r["prompt"], repr(r["first_non_stop"]), tops)
-    Console().print(table)
+    _print_table(f"next tokens ({model})", ["prompt", "first non-stop", f"top {top_k}"],
+                 [(r["prompt"], repr(r["first_non_stop"]), "  ".join(f"{t['token']!r} {t['prob']:.3f}" for t in r["top"]))
+                  for r in doc["results"]])
 
 
 @app.command()
@@ -149,15 +141,10 @@ def stats(
     if as_json:
         typer.echo(json.dumps(doc))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"second moments ({model}, {src.id}, max length {doc['max_length']})")
-    for c in ("layer", "d_k", "count", "trace", "cached", "path"):
-        table.add_column(c)
-    for row in doc["layers"]:
-        table.add_row(str(row["layer"]), str(row["d_k"]), str(row["count"]), f"{row['trace']:.4g}", "yes" if row["cached"] else "no", row["path"])
-    Console().print(table)
+    _print_table(f"second moments ({model}, {src.id}, max length {doc['max_length']})",
+                 ["layer", "d_k", "count", "trace", "cached", "path"],
+                 [(str(row["layer"]), str(row["d_k"]), str(row["count"]), f"{row['trace']:.4g}",
+                   "yes" if row["cached"] else "no", row["path"]) for row in doc["layers"]])
 
 
 facts_app = typer.Typer(help="Fact datasets: select edit/intrinsic sets, score facts.", no_args_is_help=True)
@@ -217,18 +204,11 @@ def facts_select(
     if as_json:
         typer.echo(json.dumps(stats))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"selection ({dataset}, {mode}, margin {margin})")
-    for c in ("set", "n", "mean p(true)", "mean p(second)", "relations"):
-        t.add_column(c)
-    for name in ("edit", "intrinsic"):
-        s = stats[name]
-        t.add_row(name, str(s["n"]), f"{s['mean_p_true']:.3f}", f"{s['mean_p_second']:.3f}", str(s["n_relations"]))
-    c = Console()
-    c.print(t)
-    c.print(f"{stats['n_passed']} of {stats['n_total']} facts pass the filter ({stats['pass_rate']:.1%}); wrote {out}")
+    _print_table(f"selection ({dataset}, {mode}, margin {margin})",
+                 ["set", "n", "mean p(true)", "mean p(second)", "relations"],
+                 [(n, str(stats[n]["n"]), f"{stats[n]['mean_p_true']:.3f}", f"{stats[n]['mean_p_second']:.3f}",
+                   str(stats[n]["n_relations"])) for n in ("edit", "intrinsic")],
+                 f"{stats['n_passed']} of {stats['n_total']} facts pass the filter ({stats['pass_rate']:.1%}); wrote {out}")
 
 
 @facts_app.command("score")
@@ -262,7 +242,7 @@ def facts_score(
         return
     from rich.console import Console
 
-    s = res.summary()
+    s = doc  # the summary's keys
     Console().print(
         f"{s['n_facts']} facts ({mode}): retention_true {s['retention_true']:.3f}  retention_new "
         f"{s['retention_new']:.3f}  ES {s['es']:.3f}  PS {s['ps']:.3f}  NS {s['ns']:.3f}"
@@ -345,18 +325,11 @@ def edit(
     if as_json:
         typer.echo(json.dumps(doc))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"{method} ({protocol}, {len(facts)} facts, preset {doc['preset']})")
-    t.add_column("stage")
-    for k in ("es", "ps", "ns", "retention_new", "retention_true"):
-        t.add_column(k)
-    for stage in ("pre", "post"):
-        t.add_row(stage, *[("-" if doc[stage][k] is None else f"{doc[stage][k]:.3f}") for k in ("es", "ps", "ns", "retention_new", "retention_true")])
-    c = Console()
-    c.print(t)
-    c.print(f"{doc['seconds_per_fact']:.1f} s per fact; edited blocks {doc['edited_layers']}; dropped {doc['dropped'] or 'none'}; wrote {out / 'results.json'}")
+    keys = ("es", "ps", "ns", "retention_new", "retention_true")
+    _print_table(f"{method} ({protocol}, {len(facts)} facts, preset {doc['preset']})", ["stage", *keys],
+                 [(stage, *[("-" if doc[stage][k] is None else f"{doc[stage][k]:.3f}") for k in keys]) for stage in ("pre", "post")],
+                 f"{doc['seconds_per_fact']:.1f} s per fact; edited blocks {doc['edited_layers']}; "
+                 f"dropped {doc['dropped'] or 'none'}; wrote {out / 'results.json'}")
 
 
 @app.command()
@@ -521,17 +494,11 @@ def eval_downstream(
     if as_json:
         typer.echo(json.dumps(doc))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"downstream ({mode}, {model}{', adapter ' + str(adapter) if adapter else ''})")
-    for c in ("task", "n", "accuracy", "parse rate", "seconds"):
-        t.add_column(c)
-    for name, r in doc["tasks"].items():
-        pr = r.get("parse_rate")
-        t.add_row(name, str(r["n"]), f"{r['accuracy']:.3f}", "-" if pr is None else f"{pr:.2f}", f"{r['seconds']:.0f}")
-    t.add_row("mean", "", f"{doc['mean_accuracy']:.3f}", "", f"{doc['seconds']:.0f}")
-    Console().print(t)
+    rows = [(name, str(r["n"]), f"{r['accuracy']:.3f}", "-" if r.get("parse_rate") is None else f"{r['parse_rate']:.2f}",
+             f"{r['seconds']:.0f}") for name, r in doc["tasks"].items()]
+    _print_table(f"downstream ({mode}, {model}{', adapter ' + str(adapter) if adapter else ''})",
+                 ["task", "n", "accuracy", "parse rate", "seconds"],
+                 rows + [("mean", "", f"{doc['mean_accuracy']:.3f}", "", f"{doc['seconds']:.0f}")])
 
 
 @eval_app.command("drift")
@@ -678,22 +645,12 @@ def demo(
     typer.echo(f"editdecay demo: {len(spec.expand())} trials on the embedded model; results in {db}", err=True)
     summary = run_study(spec, db, device=device)
     paths = build_report(db, out / "report", title="editdecay demo: do edits survive fine-tuning?")
-    from rich.console import Console
-    from rich.table import Table
-
     rows = summary_table(db)
-    t = Table(title="edited vs intrinsic retention (95% bootstrap intervals)")
     cols = [c for c in ("trial", "edited_retention", "intrinsic_retention", "es") if rows and c in rows[0]]
-    for c in cols:
-        t.add_column(c.replace("_", " "), overflow="fold")
-    for r in rows:
-        t.add_row(*[str(r[c]) for c in cols])
-    c = Console()
-    c.print(t)
-    c.print(f"{summary.done} units run, {summary.failed} failed, {summary.seconds / 60:.1f} min")
-    for e in summary.errors:
-        c.print(f"[red]failed[/red] {e}")
-    c.print(f"report: {paths.html}")
+    _print_table("edited vs intrinsic retention (95% bootstrap intervals)", [c.replace("_", " ") for c in cols],
+                 [[str(r[c]) for c in cols] for r in rows],
+                 f"{summary.done} units run, {summary.failed} failed, {summary.seconds / 60:.1f} min",
+                 *[f"[red]failed[/red] {e}" for e in summary.errors], f"report: {paths.html}", overflow="fold")
 
 
 @app.command()
@@ -779,6 +736,22 @@ def export_cmd(
     out = out or db.with_name(db.stem + "-export")
     files = export(db, out, format=format)
     typer.echo(f"wrote {len(files)} tables to {out}")
+
+
+def _print_table(title: str, columns: list[str], rows, *lines: str, **column_options) -> None:
+    """Print a rich table (``rows`` of cell strings under ``columns``), then ``lines``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, **column_options)
+    for r in rows:
+        t.add_row(*r)
+    console = Console()
+    console.print(t)
+    for line in lines:
+        console.print(line)
 
 
 def _write_json(path: Path, doc) -> None:

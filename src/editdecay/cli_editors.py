@@ -105,7 +105,7 @@ def train_editor(
     """
     import torch
 
-    from .cli import _nan_to_none, _write_json
+    from .cli import _nan_to_none, _print_table, _write_json
     from .editing import get_editor
     from .editing.hparams import read_hparams_file
     from .editing.hypernet import train_hypernet
@@ -156,16 +156,10 @@ def train_editor(
     if as_json:
         typer.echo(json.dumps(doc))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"train-editor {method} ({len(train)} training facts, {len(val)} validation facts)")
-    for c in ("step", "es", "ps", "ns", "score", "train loss"):
-        t.add_column(c)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    for row in doc["curve"]:
-        t.add_row(str(row["step"]), fmt(row["es"]), fmt(row["ps"]), fmt(row["ns"]), fmt(row["score"]), fmt(row["train"]["loss"]))
-    c = Console()
-    c.print(t)
-    c.print(f"{report.steps} steps in {report.seconds / 60:.1f} min, stopped by {report.stop_reason}; "
-            f"best step {doc['best']['step']} (score {doc['best']['score']:.3f}); wrote {out}")
+    _print_table(f"train-editor {method} ({len(train)} training facts, {len(val)} validation facts)",
+                 ["step", "es", "ps", "ns", "score", "train loss"],
+                 [(str(row["step"]), fmt(row["es"]), fmt(row["ps"]), fmt(row["ns"]), fmt(row["score"]), fmt(row["train"]["loss"]))
+                  for row in doc["curve"]],
+                 f"{report.steps} steps in {report.seconds / 60:.1f} min, stopped by {report.stop_reason}; "
+                 f"best step {doc['best']['step']} (score {doc['best']['score']:.3f}); wrote {out}")
