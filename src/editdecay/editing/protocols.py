@@ -103,9 +103,9 @@ def edit_with_retries(editor, model, tokenizer, fact: FactRecord, *, verify: boo
         seconds += res.seconds
         post = score_facts(model, tokenizer, [fact], mode=mode, prober=prober).facts[0]
         if not verify or post.retained_new or factor == factors[-1]:
-            return res, post, factor, seconds
+            break
         res.restore(model)  # retry from the original weights
-    raise AssertionError("unreachable")
+    return res, post, factor, seconds
 
 
 def run_single(
