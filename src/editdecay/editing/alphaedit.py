@@ -46,28 +46,47 @@ class AlphaEdit(MEMIT):
         super().__init__(hparams, covariance)
         self._proj: dict[int, torch.Tensor] = {}
         self.nullspace_dims: dict[int, int] = {}
+        self.nullspace_info: dict[int, dict] = {}
         self.key_memory: dict[int, torch.Tensor] = {}
 
     def projector(self, layer: int, cov: torch.Tensor) -> torch.Tensor:
-        """P for ``layer`` (computed once per editor object; its dimension is logged)."""
+        """P for ``layer`` (computed once per editor object). How its dimension was
+        chosen is kept in ``nullspace_info[layer]`` (and in every edit result's
+        ``info["nullspace"]``): ``rule`` is 'absolute' (the reference: eigenvalues of
+        the *mean* second moment below ``nullspace_threshold``), 'target'
+        (``nullspace_target``) or 'fallback' (``nullspace_fallback`` fired because the
+        absolute threshold gave a null space outside 30-95%; not in ``AlphaEdit_main``,
+        logged as a warning)."""
         if layer not in self._proj:
             evals, evecs = torch.linalg.eigh(cov)
             hp = self.hparams
             threshold = hp.nullspace_threshold
-            target = hp.nullspace_target
-            if target is None and hp.nullspace_fallback is not None:
-                frac = float((evals < threshold).double().mean())
-                if not 0.3 <= frac <= 0.95:
-                    target = hp.nullspace_fallback
-            if target is not None:
+            target, rule = hp.nullspace_target, "absolute" if hp.nullspace_target is None else "target"
+            abs_frac = float((evals < threshold).double().mean())
+            if target is None and hp.nullspace_fallback is not None and not 0.3 <= abs_frac <= 0.95:
+                target, rule = hp.nullspace_fallback, "fallback"
+                log.warning("AlphaEdit layer %d: threshold %.3g gives a null space of %.0f%% of the dimensions; "
+                            "using the fallback %.0f%% (not in the reference implementation)",
+                            layer, threshold, 100 * abs_frac, 100 * target)
+            if target is not None:  # the k smallest eigenvalues (eigh sorts ascending; ties split by index)
                 k = max(1, int(round(target * len(evals))))
-                threshold = float(evals[k - 1]) * (1 + 1e-9) if k < len(evals) else float("inf")
-            small = evals < threshold
+                small = torch.arange(len(evals), device=evals.device) < k
+                threshold = float(evals[k - 1])
+            else:
+                small = evals < threshold
             u = evecs[:, small]
             self._proj[layer] = u @ u.T
             self.nullspace_dims[layer] = int(small.sum())
-            log.info("AlphaEdit layer %d: null space %d of %d dims (threshold %.3g)", layer, int(small.sum()), len(evals), threshold)
+            self.nullspace_info[layer] = {"dims": int(small.sum()), "d_k": len(evals), "fraction": float(small.double().mean()),
+                                          "threshold": float(threshold), "absolute_fraction": abs_frac, "rule": rule}
+            log.info("AlphaEdit layer %d: null space %d of %d dims (threshold %.3g, %s)", layer, int(small.sum()),
+                     len(evals), threshold, rule)
         return self._proj[layer]
+
+    def edit(self, model, tokenizer, requests, *, steps_factor: int = 1):
+        res = super().edit(model, tokenizer, requests, steps_factor=steps_factor)
+        res.info["nullspace"] = {l: dict(self.nullspace_info[l]) for l in self.hparams.layers if l in self.nullspace_info}
+        return res
 
     def layer_update(self, i, layer, keys, resid, cov):
         p = self.projector(layer, cov)
@@ -79,7 +98,7 @@ class AlphaEdit(MEMIT):
 
     def after_edit(self, model, tokenizer, requests, templates) -> None:
         for layer in self.hparams.layers:
-            k = template_keys(model, tokenizer, requests, templates[1:], layer)[0].double().T
+            k = template_keys(model, tokenizer, requests, templates[1:], layer, self.key_groups())[0].double().T
             prev = self.key_memory.get(layer)
             kk = k @ k.T
             self.key_memory[layer] = kk if prev is None else prev + kk.to(prev.device)

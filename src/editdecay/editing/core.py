@@ -31,30 +31,65 @@ from .base import RequestLog
 log = logging.getLogger(__name__)
 
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
+TEMPLATE_SOURCES = ("seed_words", "eos")
+KEY_AVERAGES = ("flat", "types")
 
 
-def context_templates(model: nn.Module, tokenizer, length_params: Sequence[Sequence[int]], seed: int = 0) -> list[str]:
+def _prompt_ids(tokenizer, source: str, word: str | None) -> list[int]:
+    if source == "seed_words":
+        return list(tokenizer(word)["input_ids"])
+    # "eos": the reference ROME samples from GPT-2's <|endoftext|> token
+    vocab = tokenizer.get_vocab()
+    for tid in (vocab.get("<|endoftext|>"), tokenizer.eos_token_id, tokenizer.bos_token_id):
+        if tid is not None:
+            return [int(tid)]
+    raise ValueError("context templates from 'eos' need an <|endoftext|>, EOS or BOS token")
+
+
+def context_templates(model: nn.Module, tokenizer, length_params: Sequence[Sequence[int]], seed: int = 0,
+                      source: str = "seed_words") -> list[str]:
     """``["{}"]`` plus, for each ``(length, n)``, ``n`` prefixes of about ``length``
-    tokens sampled (top-k 5) from the seed words, each followed by ". {}"."""
+    tokens sampled (top-k 5), each followed by ". {}".
+
+    ``source`` is what sampling starts from: ``"seed_words"`` (MEMIT/AlphaEdit
+    reference: n/5 prefixes from each of "The", "Therefore", "Because", "I", "You") or
+    ``"eos"`` (ROME reference ``get_context_templates``: all n from the end-of-text
+    token, which is not part of the decoded prefix)."""
+    if source not in TEMPLATE_SOURCES:
+        raise ValueError(f"unknown context template source {source!r}: use one of {', '.join(TEMPLATE_SOURCES)}")
     out = ["{}"]
     device = model.get_output_embeddings().weight.device
+    words = SEED_WORDS if source == "seed_words" else (None,)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
         for length, n in length_params:
-            per = [n // len(SEED_WORDS) + (1 if i < n % len(SEED_WORDS) else 0) for i in range(len(SEED_WORDS))]
-            for word, k in zip(SEED_WORDS, per):
+            per = [n // len(words) + (1 if i < n % len(words) else 0) for i in range(len(words))]
+            for word, k in zip(words, per):
                 if k == 0:
                     continue
-                ids = tokenizer(word, return_tensors="pt")["input_ids"].to(device)
+                ids = torch.tensor([_prompt_ids(tokenizer, source, word)], device=device)
                 gen = model.generate(
                     ids, do_sample=True, top_k=5, max_new_tokens=max(1, length - ids.shape[1]),
                     num_return_sequences=k, pad_token_id=tokenizer.pad_token_id,
                     attention_mask=torch.ones_like(ids),
                 )
                 for g in gen:
+                    g = g[ids.shape[1]:] if source == "eos" else g
                     text = tokenizer.decode(g, skip_special_tokens=True)
                     out.append(text.replace("{", " ").replace("}", " ") + ". {}")
     return out
+
+
+def template_groups(length_params: Sequence[Sequence[int]]) -> list[int]:
+    """Sizes of the template types of :func:`context_templates`: the plain "{}" and
+    one group per ``(length, n)``."""
+    return [1] + [int(n) for _, n in length_params]
+
+
+def check_choice(name: str, value, choices) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 def fill(template: str, prompt: str, subject: str) -> tuple[str, int]:
@@ -134,13 +169,17 @@ def plain_positions(tokenizer, requests: Sequence[FactRecord]) -> tuple[list[str
 
 
 def template_keys(
-    model: nn.Module, tokenizer, requests: Sequence[FactRecord], templates: Sequence[str], layer: int
+    model: nn.Module, tokenizer, requests: Sequence[FactRecord], templates: Sequence[str], layer: int,
+    groups: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keys of the rewrite module of ``layer`` at each request's subject-last token.
 
     Returns ``(k_star, k_plain, out_plain)``: the key averaged over "{}" and ``templates``
     [R, d_k], and the key and rewrite-module output of the plain prompt (template
-    "{}") [R, d_k], [R, d_out]."""
+    "{}") [R, d_k], [R, d_out]. Without ``groups`` k_star is the flat mean over all
+    templates (ROME's ``compute_u``); with ``groups`` (sizes of consecutive template
+    types, "{}" first, see :func:`template_groups`) it is the mean within each type, then
+    across types (MEMIT's ``compute_ks``: the plain prompt weighs 1/len(groups))."""
     spec = get_arch(model)
     texts, positions = [], []
     for req in requests:
@@ -152,7 +191,13 @@ def template_keys(
     n = len(templates) + 1
     k_in = k_in.view(len(requests), n, -1)
     k_out = k_out.view(len(requests), n, -1)
-    return k_in.mean(1), k_in[:, 0], k_out[:, 0]
+    if groups is None:
+        k_star = k_in.mean(1)
+    else:
+        if sum(groups) != n or groups[0] != 1 or min(groups) < 1:
+            raise ValueError(f"template groups {list(groups)} do not partition the {n} templates with '{{}}' first")
+        k_star = torch.stack([g.mean(1) for g in k_in.split(list(groups), dim=1)], 1).mean(1)
+    return k_star, k_in[:, 0], k_out[:, 0]
 
 
 @dataclass(frozen=True)
@@ -421,8 +466,17 @@ class LocateEditor:
 
     def templates(self, model: nn.Module, tokenizer) -> list[str]:
         if self._templates is None:
-            self._templates = context_templates(model, tokenizer, self.hparams.context_template_length_params, self.hparams.seed)
+            hp = self.hparams
+            self._templates = context_templates(model, tokenizer, hp.context_template_length_params, hp.seed,
+                                                source=getattr(hp, "context_template_source", "seed_words"))
         return self._templates
+
+    def key_groups(self) -> list[int] | None:
+        """Template groups for the key average (None: the flat mean), from
+        ``hparams.key_average``."""
+        if getattr(self.hparams, "key_average", "flat") == "types":
+            return template_groups(self.hparams.context_template_length_params)
+        return None
 
     def covariances(self, model: nn.Module, tokenizer, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """C (float64) for ``layers``."""
@@ -445,5 +499,5 @@ class LocateEditor:
         return TargetConfig(
             layer=layer, point=point, steps=hp.v_num_grad_steps * steps_factor, lr=hp.v_lr,
             clamp_norm_factor=hp.clamp_norm_factor, weight_decay=hp.v_weight_decay, kl_factor=hp.kl_factor,
-            loss_threshold=hp.loss_threshold,
+            loss_threshold=hp.loss_threshold, cache_prefix=getattr(hp, "cache_prefix", True),
         )

@@ -25,7 +25,8 @@ from torch import nn
 from ..facts.record import FactRecord
 from ..models.arch import get_arch
 from .base import EditResult, finish_edit, restore_params, snapshot
-from .core import LocateEditor, module_io_at, optimise_targets, plain_positions, template_keys
+from .core import (KEY_AVERAGES, TEMPLATE_SOURCES, LocateEditor, check_choice as _check_choice, module_io_at,
+                   optimise_targets, plain_positions, template_keys)
 from .hparams import from_dict, load_preset
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,11 @@ class MEMITHyperParams:
     mom2_update_weight: float = field(default=15000.0, metadata={"help": "λ, the weight of C in λC + KKᵀ."})
     context_template_length_params: list[list[int]] = field(
         default_factory=lambda: [[10, 5]], metadata={"help": "(tokens, count) of sampled context prefixes."})
+    key_average: str = field(default="types", metadata={"help": "'types': keys averaged within each template type, then across types "
+                                                                 "(kmeng01/memit compute_ks; the plain prompt weighs 1/2); 'flat': one mean over all templates."})
+    context_template_source: str = field(default="seed_words", metadata={"help": "Sampling start of the context prefixes: "
+                                                                              "'seed_words' (MEMIT reference) or 'eos'."})
+    cache_prefix: bool = field(default=True, metadata={"help": "Run the δ-independent prompt prefix once into a KV cache (speed only)."})
     verify: bool = field(default=False, metadata={"help": "Protocol single: retry failed edits with 2× and 4× steps, else drop."})
     seed: int = field(default=0, metadata={"help": "Seed of the context-template sampling."})
     stats_corpus: str | None = field(default=None, metadata={"help": "Text corpus for C (path); None: the offline default."})
@@ -56,6 +62,8 @@ class MEMITHyperParams:
             raise ValueError(f"layers must be a non-empty list of non-negative block indices, got {self.layers!r}")
         if sorted(set(self.layers)) != list(self.layers):
             raise ValueError(f"layers must be increasing and distinct, got {self.layers!r}")
+        _check_choice("key_average", self.key_average, KEY_AVERAGES)
+        _check_choice("context_template_source", self.context_template_source, TEMPLATE_SOURCES)
 
 
 def derive_multilayer(model: nn.Module) -> dict:
@@ -96,7 +104,7 @@ class MEMIT(LocateEditor):
             z = z.double()
             texts, positions = plain_positions(tokenizer, requests)
             for i, layer in enumerate(hp.layers):
-                k = template_keys(model, tokenizer, requests, templates[1:], layer)[0].double()  # [n, d_k]
+                k = template_keys(model, tokenizer, requests, templates[1:], layer, self.key_groups())[0].double()  # [n, d_k]
                 _, cur = module_io_at(model, tokenizer, spec.block_name(hp.layers[-1]), texts, positions)
                 resid = (z - cur.double()) / (len(hp.layers) - i)  # [n, d]
                 module = model.get_submodule(spec.rewrite_module_name(layer))

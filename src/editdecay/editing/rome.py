@@ -25,7 +25,7 @@ from torch import nn
 from ..facts.record import FactRecord
 from ..models.arch import get_arch
 from .base import EditResult, RequestLog, finish_edit, restore_params, snapshot
-from .core import LocateEditor, optimise_targets, template_keys
+from .core import TEMPLATE_SOURCES, LocateEditor, check_choice, optimise_targets, template_keys
 from .hparams import from_dict, load_preset
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,9 @@ class ROMEHyperParams:
     consistent_keys: bool = field(default=False, metadata={"help": "r-ROME: use the template-averaged key k* everywhere."})
     context_template_length_params: list[list[int]] = field(
         default_factory=lambda: [[5, 10], [10, 10]], metadata={"help": "(tokens, count) of sampled context prefixes."})
+    context_template_source: str = field(default="eos", metadata={"help": "Sampling start of the context prefixes: 'eos' "
+                                                                       "(kmeng01/rome get_context_templates) or 'seed_words' (MEMIT's)."})
+    cache_prefix: bool = field(default=True, metadata={"help": "Run the δ-independent prompt prefix once into a KV cache (speed only)."})
     verify: bool = field(default=False, metadata={"help": "Check each edit with the retention probe; retry with 2× and 4× the steps, else drop."})
     seed: int = field(default=0, metadata={"help": "Seed of the context-template sampling."})
     stats_corpus: str | None = field(default=None, metadata={"help": "Text corpus for C (path); None: the offline default."})
@@ -56,6 +59,7 @@ class ROMEHyperParams:
             raise ValueError(f"layers must be a non-empty list of non-negative block indices, got {self.layers!r}")
         if self.v_num_grad_steps < 1:
             raise ValueError("v_num_grad_steps must be >= 1")
+        check_choice("context_template_source", self.context_template_source, TEMPLATE_SOURCES)
 
 
 def derive_rome_hparams(model: nn.Module) -> tuple[ROMEHyperParams, dict]:

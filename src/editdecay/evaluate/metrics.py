@@ -36,18 +36,24 @@ PROB_MODES = ("mean", "joint")
 def split_target(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
     """``(context_ids, target_ids)`` with ``context + target == tok(prompt + " " + target)``.
 
-    The context is ``tok(prompt)`` unless the joined tokenisation differs at the
-    boundary, in which case it is the longest common prefix.
-    """
+    The context is ``tok(prompt)``. A prompt with trailing whitespace is re-split
+    without it (``"is "`` + ``" Paris"`` would otherwise put a lone space token before
+    the target). When ``tok(prompt)`` is still not a prefix of the joined tokens (the
+    tokenizer merges across the boundary), ``ValueError`` names the prompt and target:
+    any split would move prompt text into the target or the reverse."""
+    stripped = prompt.rstrip()
+    if stripped != prompt and stripped:
+        prompt = stripped
     ctx = list(tokenizer(prompt)["input_ids"])
-    joined = list(tokenizer(prompt + " " + target)["input_ids"])
-    n = 0
-    while n < min(len(ctx), len(joined)) and ctx[n] == joined[n]:
-        n += 1
-    n = min(n, len(joined) - 1)  # keep at least one target token
-    if n == 0:
+    if not ctx:
         raise ValueError(f"prompt {prompt!r} tokenises to nothing")
-    return joined[:n], joined[n:]
+    joined = list(tokenizer(prompt + " " + target)["input_ids"])
+    if joined[: len(ctx)] != ctx or len(joined) == len(ctx):
+        raise ValueError(
+            f"prompt {prompt!r} and target {target!r}: the tokenizer merges tokens across their boundary "
+            f"(tok(prompt) is not a prefix of tok(prompt + ' ' + target)); rephrase the prompt or the target"
+        )
+    return ctx, joined[len(ctx):]
 
 
 def probe_token(tokenizer, prompt: str, target: str, stop_mask: torch.Tensor) -> int | None:
