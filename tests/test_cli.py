@@ -120,8 +120,10 @@ def test_edit_json_schema_and_saved_model(embedded, tmp_path):
                             "--out", str(tmp_path / "out"), "--save-model", str(saved), "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert set(doc) == {"method", "protocol", "preset", "n_facts", "pre", "post", "seconds_per_fact",
+    assert set(doc) == {"method", "protocol", "preset", "n_facts", "pre", "post", "ns_drop", "seconds_per_fact",
                         "edited_layers", "dropped", "facts"}
+    assert set(doc["ns_drop"]) == {"estimate", "low", "high", "n"} and doc["ns_drop"]["n"] == 1
+    assert doc["ns_drop"]["estimate"] == doc["pre"]["ns"] - doc["post"]["ns"]
     assert (doc["method"], doc["protocol"], doc["preset"], doc["n_facts"]) == ("rome", "single", "derived", 1)
     keys = {"es", "ps", "ns", "retention_new", "retention_true"}
     assert set(doc["pre"]) == keys and set(doc["post"]) == keys

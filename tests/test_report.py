@@ -105,7 +105,9 @@ def add_trial(store: Store, sid: int, *, model: str = GPTJ, dataset: str = "zsre
                           FactRow(c, "edit", stage, "retained_true", 1.0 - ret[c], None, dataset),
                           FactRow(c, "edit", stage, "es", es[c], None, dataset),
                           FactRow(c, "edit", stage, "ps", es[c], None, dataset),
-                          FactRow(c, "edit", stage, "ns", 1.0, None, dataset),
+                          # the edit damages the neighbourhood of the first two facts: NS drop 0.2
+                          FactRow(c, "edit", stage, "ns", 0.0 if stage != "base" and c in edit_ids[:2] else 1.0,
+                                  None, dataset),
                           FactRow(c, "edit", stage, "success", es[c], "new" if es[c] else "old", dataset)]
             k_int = intrinsic if stage == "finetuned" else 10
             for ds in ds_list:
@@ -262,6 +264,9 @@ def test_rates_show_the_known_value_with_interval_and_n(synthetic_db):
     # T1: ES in percent; T3: ΔES 30 points and EFR 3/10
     t1 = next(r for r in secs["s001_t1"].tables[0].rows if r[0] == row[0])
     assert t1[2].startswith("100.0") and t1[3].startswith("70.0 [")
+    cols = secs["s001_t1"].tables[0].columns
+    assert t1[cols.index("NS edited")].startswith("80.0 [") and t1[cols.index("NS unedited")].startswith("100.0")
+    assert t1[cols.index("NS drop (edit)")].startswith("20.0 [")  # collateral damage, with its interval
     t3 = next(r for r in secs["s001_t3"].tables[0].rows if r[0] == row[0])
     assert t3[1].startswith("30.0 [") and t3[2].startswith("0.30 [") and t3[2].endswith("n=10")
     # T2: decrease rate 0.3; T4: 7 stable, 3 erased

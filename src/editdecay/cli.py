@@ -271,7 +271,8 @@ def edit(
 
     JSON schema (also written to OUT/results.json): {"method": str, "protocol": str,
     "preset": str, "n_facts": int, "pre": {"es", "ps", "ns", "retention_new",
-    "retention_true"}, "post": {same keys}, "seconds_per_fact": float,
+    "retention_true"}, "post": {same keys}, "ns_drop": {"estimate", "low", "high", "n"}
+    (pre NS − post NS, paired over facts, 95% bootstrap), "seconds_per_fact": float,
     "edited_layers": [int], "dropped": [case ids], "facts": [{"case_id", "pre": {...},
     "post": {...}, "seconds", "edited_layers", "steps_factor", "dropped"}]}; undefined
     means are null.
@@ -328,8 +329,18 @@ def edit(
     keys = ("es", "ps", "ns", "retention_new", "retention_true")
     _print_table(f"{method} ({protocol}, {len(facts)} facts, preset {doc['preset']})", ["stage", *keys],
                  [(stage, *[("-" if doc[stage][k] is None else f"{doc[stage][k]:.3f}") for k in keys]) for stage in ("pre", "post")],
+                 _ns_line(doc),
                  f"{doc['seconds_per_fact']:.1f} s per fact; edited blocks {doc['edited_layers']}; "
                  f"dropped {doc['dropped'] or 'none'}; wrote {out / 'results.json'}")
+
+
+def _ns_line(doc: dict) -> str:
+    """NS after the edit beside the unedited model's, and the drop with its interval."""
+    d, pre, post = doc["ns_drop"], doc["pre"]["ns"], doc["post"]["ns"]
+    if not d["n"] or pre is None or post is None:
+        return "NS: no neighbourhood prompts"
+    return (f"NS {post:.3f} after the edit vs {pre:.3f} unedited: drop {d['estimate']:+.3f} "
+            f"[{d['low']:+.3f}, {d['high']:+.3f}] over n={d['n']} facts")
 
 
 @app.command()

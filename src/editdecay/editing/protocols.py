@@ -70,6 +70,17 @@ class ProtocolResult:
             out[key] = sum(vals) / len(vals) if vals else float("nan")
         return out
 
+    def ns_drop(self) -> dict:
+        """NS of the unedited model minus NS after the edit, paired over the facts that
+        have neighbourhood prompts: ``{"estimate", "low", "high", "n"}`` (95% bootstrap)."""
+        from ..evaluate.significance import bootstrap_ci
+
+        diffs = [o.pre.ns - o.post.ns for o in self.outcomes
+                 if o.post is not None and o.pre.ns is not None and o.post.ns is not None]
+        iv = bootstrap_ci(diffs) if diffs else None
+        return {"estimate": iv.estimate if iv else float("nan"), "low": iv.low if iv else float("nan"),
+                "high": iv.high if iv else float("nan"), "n": len(diffs)}
+
     def to_json(self, preset: str) -> dict:
         kept = [o for o in self.outcomes if not o.dropped]
         return {
@@ -79,6 +90,7 @@ class ProtocolResult:
             "n_facts": len(self.outcomes),
             "pre": self._summary("pre"),
             "post": self._summary("post"),
+            "ns_drop": self.ns_drop(),
             "seconds_per_fact": sum(o.seconds for o in kept) / len(kept) if kept else float("nan"),
             "edited_layers": sorted({b for o in kept for b in o.edited_layers}),
             "dropped": self.dropped,

@@ -305,6 +305,11 @@ def decrease(e: Any, f: Any) -> Any:
     return np.where(e == 0, np.nan, (e - f) / np.where(e == 0, 1.0, e))
 
 
+def drop(a: Any, b: Any) -> Any:
+    """The fall from stage a to stage b, a − b (e.g. NS unedited − NS edited)."""
+    return np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+
+
 @dataclass(frozen=True)
 class TaskAccuracy:
     """A downstream task's accuracy pooled over a trial's units."""

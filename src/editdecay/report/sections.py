@@ -40,6 +40,7 @@ from .data import (
     decrease,
     defined,
     delta_points,
+    drop,
     fmt,
     fmt_p,
     fmt_pct,
@@ -603,12 +604,16 @@ def s001_t1(d: StudyData) -> Section:
         for m in ("es", "ps", "ns"):
             cells += [fmt_pct(_edit_rate(d, t, "edited", m), n=False),
                       fmt_pct(_edit_rate(d, t, "finetuned", m), n=False) if t.has_ft else "—"]
-        rows.append([t.label, _ft_label(t), *cells, str(_edit_rate(d, t, "edited", "es").n)])
+        ns_drop = d.paired_stat(t.key, "ns", drop, "base", "edited")
+        rows.append([t.label, _ft_label(t), *cells, fmt_pct(_edit_rate(d, t, "base", "ns"), n=False),
+                     fmt(ns_drop, scale=100, digits=1, n=False), str(_edit_rate(d, t, "edited", "es").n)])
     sec = Section(sid, title, src, "Efficacy (ES), paraphrase (PS) and neighbourhood (NS) success in percent after "
                   "editing and after fine-tuning, 95% bootstrap intervals over facts (n = edited facts). zsRE: token "
-                  "accuracy; CounterFact: P(new) > P(true).")
+                  "accuracy; CounterFact: P(new) > P(true). NS unedited is the same facts' NS on the base model and "
+                  "NS drop = unedited − edited (points, paired bootstrap): the edit's collateral damage, which a high "
+                  "ES does not show.")
     sec.tables.append(Table(["trial", "fine-tuning", "ES edited", "ES after FT", "PS edited", "PS after FT",
-                             "NS edited", "NS after FT", "n"], rows))
+                             "NS edited", "NS after FT", "NS unedited", "NS drop (edit)", "n"], rows))
     return sec
 
 
