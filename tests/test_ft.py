@@ -220,8 +220,7 @@ def test_presets_derived_and_validation():
 def test_registered_editor():
     from editdecay import editing
 
-    if "ft" not in getattr(editing, "EDITORS", {}):
-        pytest.skip("FT is not registered in editdecay.editing yet")
+    assert editing.EDITOR_REGISTRY["ft"].hparams is FTHyperParams
     ed = editing.get_editor("ft", preset="gpt2-xl@ft-l")
     assert isinstance(ed, FT) and ed.hparams.norm_constraint == 5e-4
 

@@ -10,10 +10,10 @@ from .memit import MEMIT, MEMITHyperParams, multilayer_hparams
 from .mend import MEND, MENDHyperParams, mend_hparams
 from .rome import ROME, ROMEHyperParams, rome_hparams
 
-#: Editor classes by method name.
-EDITORS = {"rome": ROME, "memit": MEMIT, "alphaedit": AlphaEdit, "ft": FT, "mend": MEND, "malmen": MALMEN}
-#: Editors driven by a trained hypernetwork (``checkpoint=``).
-HYPERNET_EDITORS = {"mend": mend_hparams, "malmen": malmen_hparams}
+from .registry import EDITOR_REGISTRY, EditorClasses, EditorEntry, EditorRegistry, register_editor
+
+#: Editor classes by method name (a read-only view of :data:`EDITOR_REGISTRY`).
+EDITORS = EditorClasses(EDITOR_REGISTRY)
 
 
 def get_editor(method: str, preset: str | None = None, overrides: dict | None = None, model=None,
@@ -28,27 +28,20 @@ def get_editor(method: str, preset: str | None = None, overrides: dict | None = 
     """
     from ..errors import EditdecayError
 
-    if method not in EDITORS:
-        raise EditdecayError(f"unknown editing method {method!r}: available {', '.join(sorted(EDITORS))}")
+    entry = EDITOR_REGISTRY[method]
     if checkpoint is not None:
-        if method not in HYPERNET_EDITORS:
-            raise EditdecayError(f"an editor checkpoint applies to {' and '.join(HYPERNET_EDITORS)} only, not {method}")
+        if not entry.checkpoint:
+            with_ckpt = sorted(n for n, e in EDITOR_REGISTRY.items() if e.checkpoint)
+            raise EditdecayError(f"an editor checkpoint applies to {' and '.join(with_ckpt)} only, not {method}")
         overrides = {**(overrides or {}), "checkpoint": str(checkpoint)}
-    if method == "rome":
-        hp, info = rome_hparams(preset, overrides, model)
-    elif method == "ft":
-        hp, info = ft_hparams(preset, overrides, model)
-    elif method in HYPERNET_EDITORS:
-        hp, info = HYPERNET_EDITORS[method](preset, overrides, model)
-    else:
-        hp, info = multilayer_hparams(method, EDITORS[method], preset, overrides, model)
-    editor = EDITORS[method](hp, **kwargs)
+    hp, info = entry.resolve(preset, overrides, model)
+    editor = entry.cls(hp, **kwargs)
     editor.preset_info = info
     return editor
 
 
 __all__ = [
-    "EDITORS", "get_editor", "EditError", "EditResult", "Editor", "RequestLog",
-    "ROME", "ROMEHyperParams", "rome_hparams", "FT", "FTHyperParams", "ft_hparams", "MEMIT", "MEMITHyperParams", "AlphaEdit", "AlphaEditHyperParams",
+    "EDITORS", "EDITOR_REGISTRY", "EditorEntry", "EditorRegistry", "register_editor", "get_editor", "EditError", "EditResult", "Editor", "RequestLog",
+    "ROME", "ROMEHyperParams", "rome_hparams", "FT", "FTHyperParams", "ft_hparams", "MEMIT", "MEMITHyperParams", "multilayer_hparams", "AlphaEdit", "AlphaEditHyperParams",
     "MEND", "MENDHyperParams", "mend_hparams", "MALMEN", "MALMENHyperParams", "malmen_hparams",
 ]

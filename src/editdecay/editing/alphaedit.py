@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .core import template_keys
-from .memit import MEMIT, MEMITHyperParams
+from .memit import MEMIT, MEMITHyperParams, multilayer_hparams
+from .registry import register_editor
 
 log = logging.getLogger(__name__)
 
@@ -102,3 +103,7 @@ class AlphaEdit(MEMIT):
             prev = self.key_memory.get(layer)
             kk = k @ k.T
             self.key_memory[layer] = kk if prev is None else prev + kk.to(prev.device)
+
+
+register_editor("alphaedit", cls=AlphaEdit, hparams=AlphaEditHyperParams,
+                resolve=lambda preset, overrides, model: multilayer_hparams("alphaedit", AlphaEdit, preset, overrides, model))

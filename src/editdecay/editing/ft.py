@@ -58,6 +58,7 @@ from ..models.arch import get_arch
 from .base import EditError, EditResult, RequestLog, finish_edit, restore_params, snapshot
 from .core import _pad
 from .hparams import from_dict, load_preset
+from .registry import register_editor
 
 log = logging.getLogger(__name__)
 
@@ -268,3 +269,6 @@ class FT:
                     (per.sum() / n_req).backward()
             out += per.detach().cpu().tolist()
         return out
+
+
+register_editor("ft", cls=FT, hparams=FTHyperParams, resolve=ft_hparams)

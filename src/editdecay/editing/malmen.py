@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .hypernet import Factors, HypernetEditor, HypernetHyperParams, Shift, derive_from_preset, resolve_hparams
+from .registry import register_editor
 
 
 @dataclass
@@ -140,3 +141,6 @@ def malmen_hparams(preset: str | None = None, overrides: dict | None = None, mod
     """Resolve hyperparameters: a checkpoint (``overrides['checkpoint']``), a preset,
     or derived from ``model``; then overrides."""
     return resolve_hparams("malmen", MALMENHyperParams, preset, overrides, model, derive_malmen)
+
+
+register_editor("malmen", cls=MALMEN, hparams=MALMENHyperParams, resolve=malmen_hparams, checkpoint=True)

@@ -28,6 +28,7 @@ from .base import EditResult, finish_edit, restore_params, snapshot
 from .core import (KEY_AVERAGES, TEMPLATE_SOURCES, LocateEditor, check_choice as _check_choice, module_io_at,
                    optimise_targets, plain_positions, template_keys)
 from .hparams import from_dict, load_preset
+from .registry import register_editor
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +145,7 @@ def multilayer_hparams(method: str, editor_cls, preset: str | None, overrides: d
     else:
         base, info = {}, {"preset": "default"}
     return from_dict(cls, {**base, **(overrides or {})}, where=f"{method} hyperparameters ({info['preset']})"), info
+
+
+register_editor("memit", cls=MEMIT, hparams=MEMITHyperParams,
+                resolve=lambda preset, overrides, model: multilayer_hparams("memit", MEMIT, preset, overrides, model))

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .hypernet import Factors, HypernetEditor, HypernetHyperParams, Shift, derive_from_preset, resolve_hparams
+from .registry import register_editor
 
 
 @dataclass
@@ -83,3 +84,6 @@ def mend_hparams(preset: str | None = None, overrides: dict | None = None, model
     """Resolve hyperparameters: a checkpoint (``overrides['checkpoint']``), a preset,
     or derived from ``model``; then overrides."""
     return resolve_hparams("mend", MENDHyperParams, preset, overrides, model, derive_mend)
+
+
+register_editor("mend", cls=MEND, hparams=MENDHyperParams, resolve=mend_hparams, checkpoint=True)

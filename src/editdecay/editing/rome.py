@@ -27,6 +27,7 @@ from ..models.arch import get_arch
 from .base import EditResult, RequestLog, finish_edit, restore_params, snapshot
 from .core import TEMPLATE_SOURCES, LocateEditor, check_choice, optimise_targets, template_keys
 from .hparams import from_dict, load_preset
+from .registry import register_editor
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +146,6 @@ class ROME(LocateEditor):
             w.add_(upd.to(w.dtype))
         return rlog, {"case_id": req.case_id, "layer": layer, "u": u.float().cpu(), "right": right.float().cpu(),
                       "v_star": v_star.float().cpu(), "k_star": k_star.float().cpu(), "k": k.float().cpu()}
+
+
+register_editor("rome", cls=ROME, hparams=ROMEHyperParams, resolve=rome_hparams)

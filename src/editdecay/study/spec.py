@@ -28,9 +28,8 @@ import json
 import logging
 import math
 import re
-import typing
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -692,20 +691,10 @@ def _parse_selection(v: Any, at: _At, axes: Mapping[str, tuple[Any, ...]]) -> Se
     return s
 
 
-def _editor_hparams_cls(method: str) -> type | None:
-    from ..editing import EDITORS
+def _editor_hparams_cls(method: str) -> type:
+    from ..editing import EDITOR_REGISTRY
 
-    cls = EDITORS[method]
-    hp = getattr(cls, "hparams_cls", None)
-    if hp is None:
-        try:
-            ann = typing.get_type_hints(cls.__init__).get("hparams")
-        except Exception:  # noqa: BLE001 - best effort: no validation then
-            ann = None
-        for a in typing.get_args(ann) or (ann,):
-            if isinstance(a, type) and is_dataclass(a):
-                hp = a
-    return hp
+    return EDITOR_REGISTRY[method].hparams
 
 
 def _parse_editor_entry(method: str, v: Any, at: _At, partial: bool = False) -> dict[str, Any]:
@@ -721,8 +710,7 @@ def _parse_editor_entry(method: str, v: Any, at: _At, partial: bool = False) -> 
                 (at / "preset").fail(f"{p!r} is not one of {', '.join(available) or '(no presets)'}")
         out["preset"] = p
     hp = _mapping(d.get("hparams"), at / "hparams")
-    cls = _editor_hparams_cls(method)
-    out["hparams"] = _coerce_fields(cls, hp, at / "hparams") if cls is not None else hp
+    out["hparams"] = _coerce_fields(_editor_hparams_cls(method), hp, at / "hparams")
     return out
 
 
@@ -923,11 +911,10 @@ def _editor_config(spec: StudySpec, point: Mapping[str, Any], method: str, at: _
         hp["layers"] = list(point["edit_layers"])
     hp.setdefault("seed", stage_seed(point["seed"], "edit"))
     cls = _editor_hparams_cls(method)
-    if cls is not None:
-        if "seed" not in _dc_fields(cls):
-            hp.pop("seed")
-        base = pr.editor(method, preset) if preset else {}
-        _build(cls, {**base, **hp}, src, f" (editor {method}, model {point['model']})")
+    if "seed" not in _dc_fields(cls):
+        hp.pop("seed")
+    base = pr.editor(method, preset) if preset else {}
+    _build(cls, {**base, **hp}, src, f" (editor {method}, model {point['model']})")
     return {"editor": method, "preset": preset, "hparams": dict(sorted(hp.items()))}
 
 
