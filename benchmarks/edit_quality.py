@@ -4,6 +4,15 @@ seconds per edit on confidence-filtered CounterFact facts, as JSON lines.
     python -m benchmarks.edit_quality                      # the defaults: ROME, MEMIT (20, 100), AlphaEdit
     python -m benchmarks.edit_quality --grid ablation.yaml # one row per grid entry
     python -m benchmarks.edit_quality --editor rome --set kl_factor=1 --set clamp_norm_factor=2
+    python -m benchmarks.edit_quality --vs-reference-loop 5  # s/edit: defaults vs the reference loop
+
+``--vs-reference-loop N`` times N single edits per editor with the defaults and with the
+reference implementations' loop (kmeng01/rome ``compute_v``, kmeng01/memit ``compute_z``):
+every template's whole prompt re-run at every step (``cache_prefix: false``) and the
+vocabulary log-softmax at every position of every prompt (emulated by a hook that adds
+it, times zero, to the final hidden states so that forward and backward pay for it); both
+keep the same early stop (the reference's ``if loss < 5e-2: break``). The two alternate on
+each fact in one process so machine load affects both alike.
 
 A grid file is a YAML list of ``{name, editor, batch, hparams, stats}`` entries; ``batch``
 0 is protocol ``single`` (each fact alone, restored), ``b`` > 0 edits independent batches
@@ -114,6 +123,46 @@ def run_entry(model, tok, facts, entry: dict) -> dict:
     return row
 
 
+def _all_position_logits(model):
+    """Forward hook on the base model: the reference's full-vocabulary log-softmax at
+    every position, added ×0 to the hidden states (same values, the reference's cost)."""
+    unembed = model.get_output_embeddings()
+
+    def hook(module, args, out):
+        h = out.last_hidden_state
+        out.last_hidden_state = h + 0.0 * unembed(h).float().log_softmax(-1).sum()
+        return out
+
+    return hook
+
+
+def vs_reference_loop(model, tok, facts, n: int) -> list[dict]:
+    """Seconds per edit of the defaults and of the reference loop (see the module doc)."""
+    from editdecay.editing import get_editor
+
+    rows = []
+    for method in ("rome", "memit", "alphaedit"):
+        eds = {"defaults": get_editor(method, model=model),
+               "reference loop": get_editor(method, model=model, overrides={"cache_prefix": False})}
+        for ed in eds.values():  # templates and statistics are set-up costs, not per edit
+            ed.templates(model, tok)
+            ed.covariances(model, tok, list(ed.hparams.layers))
+        secs = {k: [] for k in eds}
+        for f in facts[:n]:
+            for k, ed in eds.items():
+                handle = model.base_model.register_forward_hook(_all_position_logits(model)) if k != "defaults" else None
+                try:
+                    res = ed.edit(model, tok, [f])
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                secs[k].append(res.seconds)
+                res.restore(model)
+        d, r = (sum(secs[k]) / n for k in eds)
+        rows.append({"editor": method, "n": n, "s_per_edit": d, "s_per_edit_reference_loop": r, "ratio": d / r})
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", type=Path, help="YAML list of entries (default: the shipped defaults)")
@@ -124,6 +173,7 @@ def main(argv=None) -> None:
     ap.add_argument("--pool", type=int, default=4000, help="candidate facts run through the confidence filter")
     ap.add_argument("--facts", type=Path, default=SHARED / "counterfact" / "counterfact-train.json")
     ap.add_argument("--only", action="append", default=[], help="run only entries with these names")
+    ap.add_argument("--vs-reference-loop", type=int, metavar="N", help="time N single edits per editor against the reference loop")
     ap.add_argument("--out", type=Path, help="append JSON lines here (resumes: names already there are skipped)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -135,6 +185,14 @@ def main(argv=None) -> None:
         grid = yaml.safe_load(args.grid.read_text())
     else:
         grid = DEFAULT_GRID
+    if args.vs_reference_loop:
+        from editdecay import load_model
+
+        model, tok = load_model(device="cpu")
+        facts = filtered_facts(model, tok, args.facts, args.vs_reference_loop, args.pool)
+        for row in vs_reference_loop(model, tok, facts, args.vs_reference_loop):
+            print(json.dumps(row), flush=True)
+        return
     if args.only:
         grid = [g for g in grid if g["name"] in args.only]
     done = set()

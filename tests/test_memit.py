@@ -155,6 +155,7 @@ def test_batch_edit_on_filtered_counterfact(method, embedded, cf_facts10):
     assert torch.equal(dict(model.named_parameters())[name], before)
     assert doc["pre"]["es"] <= 0.1
     assert doc["post"]["es"] >= 0.9 and doc["post"]["retention_new"] >= 0.8
+    assert doc["post"]["ns"] >= doc["pre"]["ns"] - 0.10, doc["ns_drop"]  # locality (issue 20)
     assert doc["edited_layers"] == editor.hparams.layers
     if method == "alphaedit":  # the absolute threshold 2e-2 gives 75-88% here, inside 30-95%: kept
         assert all(0.3 <= d / 1536 <= 0.95 for d in editor.nullspace_dims.values())

@@ -170,7 +170,7 @@ def test_reloaded_checkpoint_gives_identical_edits(tmp_path, tok, facts):
         get_editor("mend", preset="gpt2-xl@reference", checkpoint=tmp_path / "ck")
     with pytest.raises(EditdecayError, match="not an editor checkpoint"):
         get_editor("mend", model=model, checkpoint=tmp_path)
-    with pytest.raises(EditdecayError, match="mend and malmen only"):
+    with pytest.raises(EditdecayError, match="an editor checkpoint applies to malmen and mend only"):
         get_editor("rome", model=model, checkpoint=tmp_path / "ck")
 
 

@@ -157,6 +157,8 @@ def test_rome_single_protocol_on_filtered_counterfact(embedded, cf_facts10):
     doc = res.to_json("derived")
     assert doc["pre"]["es"] <= 0.1 and doc["pre"]["retention_true"] == 1.0
     assert doc["post"]["es"] >= 0.9 and doc["post"]["retention_new"] >= 0.9
+    # locality (issue 20): the default edit keeps NS within 0.10 of the unedited model's
+    assert doc["post"]["ns"] >= doc["pre"]["ns"] - 0.10 and doc["ns_drop"]["n"] == 10, doc["ns_drop"]
     assert doc["edited_layers"] == [5] and doc["dropped"] == []
     assert torch.equal(dict(model.named_parameters())[name], before)
     assert Prober(model, tok).first_non_stop([facts[0].text])[0].token.strip() == facts[0].target_true.split()[0]
