@@ -5,6 +5,7 @@ seconds per edit on confidence-filtered CounterFact facts, as JSON lines.
     python -m benchmarks.edit_quality --grid ablation.yaml # one row per grid entry
     python -m benchmarks.edit_quality --editor rome --set kl_factor=1 --set clamp_norm_factor=2
     python -m benchmarks.edit_quality --vs-reference-loop 5  # s/edit: defaults vs the reference loop
+    python -m benchmarks.edit_quality --vs-reference-loop 5 --editor alphaedit
 
 ``--vs-reference-loop N`` times N single edits per editor with the defaults and with the
 reference implementations' loop (kmeng01/rome ``compute_v``, kmeng01/memit ``compute_z``):
@@ -136,12 +137,12 @@ def _all_position_logits(model):
     return hook
 
 
-def vs_reference_loop(model, tok, facts, n: int) -> list[dict]:
+def vs_reference_loop(model, tok, facts, n: int, methods=("rome", "memit", "alphaedit")) -> list[dict]:
     """Seconds per edit of the defaults and of the reference loop (see the module doc)."""
     from editdecay.editing import get_editor
 
     rows = []
-    for method in ("rome", "memit", "alphaedit"):
+    for method in methods:
         eds = {"defaults": get_editor(method, model=model),
                "reference loop": get_editor(method, model=model, overrides={"cache_prefix": False})}
         for ed in eds.values():  # templates and statistics are set-up costs, not per edit
@@ -190,7 +191,8 @@ def main(argv=None) -> None:
 
         model, tok = load_model(device="cpu")
         facts = filtered_facts(model, tok, args.facts, args.vs_reference_loop, args.pool)
-        for row in vs_reference_loop(model, tok, facts, args.vs_reference_loop):
+        methods = [args.editor] if args.editor else ("rome", "memit", "alphaedit")
+        for row in vs_reference_loop(model, tok, facts, args.vs_reference_loop, methods):
             print(json.dumps(row), flush=True)
         return
     if args.only:

@@ -1,8 +1,11 @@
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from editdecay.cli import app
+from editdecay.models.embedded import DEFAULT_MODEL
 
 runner = CliRunner()
 
@@ -107,19 +110,27 @@ def test_facts_select_builtin_writes_sets(embedded, tmp_path, selection_cache, m
     assert sorted(p.name for p in out.iterdir()) == ["edit.jsonl", "intrinsic.jsonl", "selection.json"]
 
 
-def test_edit_json_schema_and_saved_model(embedded, tmp_path):
-    from editdecay import Prober, load_model
+@pytest.fixture(scope="module")
+def rome_saved(embedded, tmp_path_factory):
+    """One ROME edit (France → London) through the CLI, saved: (tmp dir, JSON, fact)."""
     from editdecay.facts.datasets import write_facts
     from editdecay.facts.record import FactRecord, Neighbor
 
+    tmp_path = tmp_path_factory.mktemp("rome_saved")
     fact = FactRecord("paris", "France", "The capital of {} is", "London", "Paris", "P36",
                       ("France's capital city is",), (Neighbor("The capital of Belgium is", "Brussels"),))
     write_facts([fact], tmp_path / "one.jsonl")
-    saved = tmp_path / "edited"
     r = runner.invoke(app, ["edit", "--method", "rome", "--requests", str(tmp_path / "one.jsonl"),
-                            "--out", str(tmp_path / "out"), "--save-model", str(saved), "--json"])
+                            "--out", str(tmp_path / "out"), "--save-model", str(tmp_path / "edited"), "--json"])
     assert r.exit_code == 0, r.output
-    doc = json.loads(r.stdout)
+    return tmp_path, json.loads(r.stdout), fact
+
+
+def test_edit_json_schema_and_saved_model(embedded, rome_saved):
+    from editdecay import Prober, load_model
+
+    tmp_path, doc, fact = rome_saved
+    saved = tmp_path / "edited"
     assert set(doc) == {"method", "protocol", "preset", "n_facts", "pre", "post", "ns_drop", "seconds_per_fact",
                         "edited_layers", "dropped", "facts"}
     assert set(doc["ns_drop"]) == {"estimate", "low", "high", "n"} and doc["ns_drop"]["n"] == 1
@@ -135,6 +146,43 @@ def test_edit_json_schema_and_saved_model(embedded, tmp_path):
     assert Prober(model, tok).first_non_stop([fact.text])[0].token == " Paris"
     edited, etok = load_model(str(saved), device="cpu")
     assert Prober(edited, etok).first_non_stop([fact.text])[0].token == " London"
+
+
+def test_inspect_finds_the_rome_edit_and_finetune_preserves_or_removes_it(embedded, rome_saved):
+    """Issue 18 on a real ROME edit: block 5, one edit, the edited fact first; issue 17:
+    nullspace LoRA keeps the edit, --remove-edits unedit takes it out (base recorded)."""
+    from editdecay import Prober, load_model
+    from editdecay.facts.datasets import load_facts, write_facts
+
+    tmp_path, _, fact = rome_saved
+    decoys = [f for f in load_facts("", format="builtin") if f.subject != fact.subject][:20]  # same subject, same key
+    write_facts([*decoys[:10], fact, *decoys[10:]], tmp_path / "cands.jsonl")
+    r = runner.invoke(app, ["inspect", "--base", DEFAULT_MODEL, "--suspect", str(tmp_path / "edited"),
+                            "--facts", str(tmp_path / "cands.jsonl"), "--out", str(tmp_path / "ins"), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["edited_blocks"] == [5] and doc["n_edits"] == 1
+    assert [b["verdict"] for b in doc["blocks"]].count("unchanged") == 29
+    assert doc["facts"][0]["case_id"] == "paris" and doc["facts"][0]["answer_changed"] is True
+    assert doc["facts"][0]["score"] > 1.5 * doc["facts"][1]["score"]
+    assert json.loads((tmp_path / "ins" / "inspect.json").read_text()) == doc
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"The river number {i} flows north past the old mill and the quiet town." for i in range(200)))
+    common = ["finetune", "--from-edit", str(tmp_path / "edited"), "--data", str(text), "--method", "full",
+              "--max-steps", "3", "--eval-every", "3", "--block-size", "32", "--batch-size", "4", "--lr", "1e-4",
+              "--stop", "loss<0.01", "--probe-facts", str(tmp_path / "one.jsonl"), "--json"]
+    r = runner.invoke(app, [*common, "--preserve-edits", "nullspace", "--out", str(tmp_path / "ns")])
+    assert r.exit_code == 0, r.output
+    ft = json.loads(r.stdout)
+    assert ft["preserve"]["method"] == "nullspace" and ft["probes"][-1]["retention_new"] == 1.0
+    r = runner.invoke(app, [*common, "--remove-edits", "unedit", "--max-steps", "1", "--out", str(tmp_path / "rm")])
+    assert r.exit_code == 0, r.output
+    rm = json.loads(r.stdout)
+    assert rm["remove_edits"]["blocks"] == [5] and rm["probes"][0]["retention_new"] == 0.0
+    m, tok = load_model(str(tmp_path / "rm" / "model"), device="cpu")
+    assert Prober(m, tok).first_non_stop([fact.text])[0].token == " Paris"
+    r = runner.invoke(app, [*common, "--preserve-edits", "anchor", "--remove-edits", "unedit", "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "exclude each other" in str(r.exception)
 
 
 def test_edit_errors(tmp_path):

@@ -142,6 +142,27 @@ def test_presets():
     assert get_editor("alphaedit", model=model).hparams.nullspace_fallback == 0.7
 
 
+def _inspect_real_edit(model, tok, res, layers, facts):
+    """Forensics on a real MEMIT edit (issue 18): the edited blocks and no other, 10
+    edits, the edited facts ranked above built-in decoys; unedit restores the base."""
+    import copy
+
+    from editdecay.facts.datasets import load_facts
+    from editdecay.forensics import inspect_models, unedit
+
+    base = copy.deepcopy(model)
+    for r in reversed(res.results):
+        r.restore(base)
+    decoys = [f for f in load_facts("", format="builtin") if f.subject not in {g.subject for g in facts}][:20]
+    ins = inspect_models(base, model, tok, facts + decoys, answers=False)
+    assert ins.edited_blocks == list(layers) and ins.n_edits == len(facts)
+    assert {f.case_id for f in ins.facts[: len(facts)]} == {f.case_id for f in facts}
+    suspect = copy.deepcopy(model)
+    unedit(suspect, ins)
+    for (n, p), q in zip(base.named_parameters(), suspect.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=0, msg=n)
+
+
 @pytest.mark.parametrize("method", ["memit", "alphaedit"])
 def test_batch_edit_on_filtered_counterfact(method, embedded, cf_facts10):
     """Out of the box (derived presets) on the embedded model: efficacy ≥ 0.9."""
@@ -151,6 +172,8 @@ def test_batch_edit_on_filtered_counterfact(method, embedded, cf_facts10):
     before = dict(model.named_parameters())[name].detach().clone()
     res = run_batch(editor, model, tok, cf_facts10)
     doc = res.to_json("derived")
+    if method == "memit":
+        _inspect_real_edit(model, tok, res, editor.hparams.layers, cf_facts10)
     res.restore(model)
     assert torch.equal(dict(model.named_parameters())[name], before)
     assert doc["pre"]["es"] <= 0.1

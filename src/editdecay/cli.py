@@ -368,6 +368,11 @@ def finetune(
     gradient_checkpointing: Annotated[bool, typer.Option(help="Activation checkpointing.")] = False,
     probe_facts: Annotated[Optional[list[Path]], typer.Option(help="Facts probed at every evaluation (repeatable): the first file is the edit set (retention_new), the others the intrinsic set (retention_true).")] = None,
     hygiene: Annotated[bool, typer.Option(help="Drop training documents containing non-stop words of the probed facts (seed 000 §4.1).")] = False,
+    preserve_edits: Annotated[Optional[str], typer.Option(help="Keep the edits of the first --probe-facts file: anchor | nullspace | replay | freeze-edited (docs/finetune.md).")] = None,
+    preserve_mu: Annotated[float, typer.Option(min=0.0, help="anchor: weight of the edited modules' output drift at the edited keys.")] = 1.0,
+    preserve_rho: Annotated[float, typer.Option(help="replay: share of the loss on the edit prompts and paraphrases (0 < rho < 1).")] = 0.1,
+    remove_edits: Annotated[Optional[str], typer.Option(help="Remove the edits: edited-blocks (fine-tune only the edited blocks, seed 001) | unedit (subtract the low-rank part of W_edited - W_base first; needs the base, recorded by 'editdecay edit' or --unedit-base).")] = None,
+    unedit_base: Annotated[Optional[str], typer.Option(help="For --remove-edits unedit: the unedited model (default: the base recorded with --from-edit).")] = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -411,6 +416,12 @@ def finetune(
         m, tok = load_model(model, device=device)
     if layers_from is not None:
         edited = list(get_editor(layers_from, model=m).hparams.layers)
+    preserve = _preserve_config(preserve_edits, preserve_mu, preserve_rho, remove_edits, layers, edited, probe_facts)
+    removal = None
+    if remove_edits == "edited-blocks":
+        layers = "edited"
+    elif remove_edits == "unedit":
+        removal = _unedit(m, unedit_base or (meta.get("base", {}).get("model") if from_edit is not None else None), device)
     sets = [load_facts(f) for f in (probe_facts or [])]
     edit_set = sets[0] if sets else []
     intrinsic = [f for s in sets[1:] for f in s] or list(edit_set)
@@ -419,9 +430,11 @@ def finetune(
                   block_size=p.block_size or 128, seed=p.seed, exclude_facts=edit_set + intrinsic,
                   hygiene_facts=(edit_set + intrinsic) if hygiene else None)
     fact_probe = FactProbe(m, tok, edit_set, intrinsic) if sets else None
-    res = run_finetune(m, tok, t, p, policy=layers, edited=edited, probe=fact_probe, base_model=base_model)
+    res = run_finetune(m, tok, t, p, policy=layers, edited=edited, probe=fact_probe, base_model=base_model,
+                       preserve=preserve, edit_facts=edit_set)
     del base_model
-    doc = _nan_to_none({**res.to_json(), "method": p.method, "layers": layers, "edited_layers": edited})
+    doc = _nan_to_none({**res.to_json(), "method": p.method, "layers": layers, "edited_layers": edited,
+                        **({"remove_edits": removal} if removal else {})})
     out.mkdir(parents=True, exist_ok=True)
     meta = {"finetune": {"task": task, "method": p.method, "layers": layers, "steps": res.log.steps, "stop_reason": res.log.stop_reason}}
     if p.method == "full":
@@ -443,6 +456,37 @@ def finetune(
     if fact_probe is not None:
         curve = ", ".join(f"{q['step']}: {q['retention_new']:.2f}/{q['retention_true']:.2f}" for q in res.log.probes)
         typer.echo(f"retention edited/intrinsic by step: {curve}")
+
+
+def _preserve_config(method, mu, rho, remove, layers, edited, probe_facts):
+    """Validate --preserve-edits / --remove-edits; the PreserveConfig (or None)."""
+    from .finetune.preserve import PreserveConfig
+
+    if method is not None and remove is not None:
+        raise EditdecayError("--preserve-edits and --remove-edits exclude each other")
+    if remove is not None and remove not in ("edited-blocks", "unedit"):
+        raise EditdecayError(f"unknown --remove-edits {remove!r}: use edited-blocks | unedit")
+    if remove == "edited-blocks" and layers != "all":
+        raise EditdecayError(f"--remove-edits edited-blocks is the layer policy edited: it cannot combine with --layers {layers}")
+    if (method not in (None, "replay") or remove == "edited-blocks") and not edited:
+        raise EditdecayError("the edited blocks are unknown: use --from-edit (an 'editdecay edit --save-model' output) or --layers-from")
+    if method is not None and method != "freeze-edited" and not probe_facts:
+        raise EditdecayError(f"--preserve-edits {method} needs the edited facts: pass them as the first --probe-facts file")
+    return PreserveConfig(method, mu=mu, rho=rho) if method is not None else None
+
+
+def _unedit(model, base: str | None, device) -> dict:
+    """Subtract the edits the forensics find against ``base`` (in place); what was removed."""
+    from .forensics import inspect_models, unedit
+    from .models import load_model
+
+    if base is None:
+        raise EditdecayError("--remove-edits unedit needs the unedited model: --unedit-base, or --from-edit with its recorded base")
+    b, _ = load_model(base, device=device)
+    ins = inspect_models(b, model)
+    removed = unedit(model, ins)
+    return {"method": "unedit", "base": base, "blocks": ins.edited_blocks, "n_edits": ins.n_edits,
+            "removed": sorted(removed)}
 
 
 eval_app = typer.Typer(help="Evaluate models: downstream accuracy, activation drift.", no_args_is_help=True)
@@ -785,6 +829,10 @@ def _nan_to_none(x):
 from .cli_editors import train_editor  # noqa: E402
 
 app.command("train-editor")(train_editor)
+
+from .cli_forensics import inspect  # noqa: E402
+
+app.command("inspect")(inspect)
 
 
 def main() -> None:

@@ -10,14 +10,17 @@ and the study runner call.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
 
+from ..errors import EditdecayError
+from ..facts.record import FactRecord
 from ..models.arch import get_arch
 from .methods import prepare_model
+from .preserve import PreserveConfig, make_preserver
 from .presets import FinetunePreset
 from .trainer import TrainLog, train
 
@@ -34,6 +37,8 @@ class FinetuneResult:
     base_metrics: dict[str, float]
     preset: dict[str, Any]
     task_info: dict[str, Any] = field(default_factory=dict)
+    preserve: dict[str, Any] | None = None
+    """The :class:`~editdecay.finetune.preserve.PreserveConfig` used, if any."""
 
     @property
     def lm(self) -> nn.Module:
@@ -42,7 +47,8 @@ class FinetuneResult:
 
     def to_json(self) -> dict[str, Any]:
         return {**self.log.to_json(), "blocks": self.blocks, "base": self.base_metrics, "preset": self.preset,
-                "task": self.task_info, "seconds": round(self.log.seconds, 2), "tokens": self.log.tokens}
+                "task": self.task_info, "seconds": round(self.log.seconds, 2), "tokens": self.log.tokens,
+                **({"preserve": self.preserve} if self.preserve is not None else {})}
 
 
 def finetune(
@@ -57,26 +63,36 @@ def finetune(
     base_model: nn.Module | None = None,
     base_metrics: dict[str, float] | None = None,
     progress: bool = True,
+    preserve: PreserveConfig | None = None,
+    edit_facts: Sequence[FactRecord] = (),
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place on ``task`` (see :mod:`editdecay.finetune.tasks`).
 
     ``base_model`` (the unedited model) supplies the reference validation loss of
     ``loss<base-Δ`` rules (or pass its ``base_metrics`` when already measured);
     without either the starting model's is used. ``probe`` runs at every evaluation
-    (e.g. a :class:`~editdecay.finetune.callbacks.FactProbe`).
+    (e.g. a :class:`~editdecay.finetune.callbacks.FactProbe`). ``preserve`` keeps the
+    edits of ``edit_facts`` in the ``edited`` blocks (:mod:`editdecay.finetune.preserve`).
     """
     cfg = preset.train_config(len(task.train))
     base_metrics = dict(base_metrics or {})
     if not base_metrics and (any(r.relative_to_base for r in cfg.rules) or base_model is not None):
         ref = base_model if base_model is not None else model
         base_metrics = {k: float(v) for k, v in task.evaluate(task.wrap(ref)).items()}
+    if preserve is not None and preserve.method == "freeze-edited":
+        if policy != "all":
+            raise EditdecayError(f"preserve 'freeze-edited' is the layer policy non-edited: it cannot combine with policy {policy!r}")
+        policy = "non-edited"
     tuned, names, blocks = prepare_model(model, preset.finetune_config(policy, get_arch(model)), edited)
+    preserver = make_preserver(preserve, tuned, tokenizer, edit_facts, edited or []) if preserve is not None else None
     module = task.wrap(tuned)
     names += [f"head.{n}" for n, p in getattr(module, "head", nn.Identity()).named_parameters() if p.requires_grad]
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     log = train(module, task.batches(preset.micro, seed=preset.seed, device=device), cfg,
                 evaluate=task.evaluate, probes=[probe] if probe is not None else [],
-                base_loss=base_metrics.get("loss"), trainable=names, loss_fn=task.loss, progress=progress)
+                base_loss=base_metrics.get("loss"), trainable=names, loss_fn=task.loss, progress=progress,
+                preserver=preserver)
     log.seconds = time.perf_counter() - t0
-    return FinetuneResult(tuned, module, log, blocks, base_metrics, preset.to_dict(), task.describe())
+    return FinetuneResult(tuned, module, log, blocks, base_metrics, preset.to_dict(), task.describe(),
+                          asdict(preserve) if preserve is not None else None)

@@ -1,0 +1,224 @@
+"""Edit-preserving fine-tuning: keep the edited modules' outputs at the edited keys.
+
+A locate-then-edit method (ROME, MEMIT, AlphaEdit) writes a fact as a new value
+v* = (W + ΔW) k* of the rewrite module (the MLP output projection) at the subject key k*
+(its input at the subject's last token). Fine-tuning that changes W k* erodes the fact.
+The methods (``--preserve-edits METHOD``, study axis ``preserve``):
+
+- ``anchor``: add μ · mean over keys of ‖W' k − v*‖² (v* measured before fine-tuning)
+  to the loss, on every edited block's rewrite module. μ = 0 is plain fine-tuning.
+- ``nullspace``: after every optimiser step, project the step of each edited rewrite
+  module onto the orthogonal complement of the keys' span: ΔW ← ΔW (I − Q Qᵀ), Q an
+  orthonormal basis of the keys. W' k = W k then holds exactly (not only to first order:
+  projecting the *gradient* would not survive Adam's per-coordinate scaling or weight
+  decay); the module's bias, if it trains, is held. For LoRA the adapter's input side is projected, A ← A (I − Q Qᵀ), so
+  B A k = 0; for DoRA the magnitude re-normalisation makes it approximate. AlphaEdit's
+  idea applied to fine-tuning.
+- ``replay``: mix the edit prompts and paraphrases, each followed by its new object,
+  into the training loss at rate ρ: loss = (1 − ρ) · task + ρ · replay (target tokens).
+- ``freeze-edited``: seed 000's mitigation — the layer policy ``non-edited``.
+
+The keys are measured on the edited model from the edited facts: the rewrite prompt
+and each paraphrase that contains the subject, at the subject's last token, for every
+edited block (so they cover what the probes ask, not only the editor's own k*).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import EditdecayError
+from ..facts.record import FactRecord
+from ..models.arch import get_arch
+
+PRESERVE_METHODS = ("none", "anchor", "nullspace", "replay", "freeze-edited")
+
+
+@dataclass
+class PreserveConfig:
+    """How fine-tuning preserves edits."""
+
+    method: str = field(default="none", metadata={"help": "none | anchor | nullspace | replay | freeze-edited."})
+    mu: float = field(default=1.0, metadata={"help": "anchor: weight μ of the mean squared drift ‖W'k − v*‖² of the edited modules' outputs at the edited keys."})
+    rho: float = field(default=0.1, metadata={"help": "replay: share ρ of the loss given to the edit prompts and paraphrases (0 < ρ < 1)."})
+    replay_batch: int = field(default=4, metadata={"help": "replay: edit examples per optimiser step."})
+
+    def __post_init__(self) -> None:
+        if self.method not in PRESERVE_METHODS:
+            raise EditdecayError(f"unknown preserve method {self.method!r}: use one of {', '.join(PRESERVE_METHODS)}")
+        if self.mu < 0:
+            raise EditdecayError(f"preserve mu must be >= 0, got {self.mu}")
+        if not 0 < self.rho < 1:
+            raise EditdecayError(f"preserve rho must be in (0, 1), got {self.rho}")
+
+
+def key_prompts(facts: Sequence[FactRecord]) -> list[FactRecord]:
+    """One record per prompt whose key is kept: the rewrite prompt and each paraphrase
+    containing the subject (as a template with ``{}`` at the subject's last mention)."""
+    out = []
+    for f in facts:
+        out.append(f)
+        for p in f.paraphrases:
+            i = p.rfind(f.subject)
+            if i >= 0:
+                out.append(FactRecord(f.case_id, f.subject, p[:i] + "{}" + p[i + len(f.subject):], f.target_new))
+    return out
+
+
+def edit_keys(model: nn.Module, tokenizer, facts: Sequence[FactRecord], blocks: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Keys [n, d_k] of each block's rewrite module at the facts' subjects (fp32)."""
+    from ..editing.core import template_keys
+
+    recs = key_prompts(facts)
+    return {b: template_keys(model, tokenizer, recs, [], b)[1].float() for b in blocks}
+
+
+def _lm(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class Preserver:
+    """Hooks the trainer calls: ``loss`` (the step's total loss from the task loss),
+    ``before_step`` and ``after_step`` (around each optimiser step)."""
+
+    def loss(self, model: nn.Module, task_loss: torch.Tensor) -> torch.Tensor:
+        return task_loss
+
+    def before_step(self, model: nn.Module) -> None:
+        pass
+
+    def after_step(self, model: nn.Module) -> None:
+        pass
+
+
+class Anchor(Preserver):
+    """μ · mean_k ‖W' k − v*‖² over the edited rewrite modules."""
+
+    def __init__(self, model: nn.Module, keys: dict[int, torch.Tensor], mu: float) -> None:
+        spec = get_arch(_lm(model))
+        self.mu = mu
+        self.items = []
+        with torch.no_grad():
+            for b, k in keys.items():
+                mod = _lm(model).get_submodule(spec.rewrite_module_name(b))
+                k = k.to(next(mod.parameters()).device)
+                self.items.append((mod, k, _eval_forward(mod, k).detach()))
+
+    def loss(self, model, task_loss):
+        pen = sum(((_eval_forward(mod, k) - v) ** 2).sum(-1).mean() for mod, k, v in self.items)
+        return task_loss + self.mu * pen
+
+
+def _eval_forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The module's output with dropout off (no random numbers drawn)."""
+    was = mod.training
+    mod.eval()
+    try:
+        return mod(x)
+    finally:
+        mod.train(was)
+
+
+class NullSpace(Preserver):
+    """Project each step of the edited rewrite modules off the keys' span."""
+
+    def __init__(self, model: nn.Module, keys: dict[int, torch.Tensor]) -> None:
+        spec = get_arch(_lm(model))
+        self.conv1d = spec.conv1d
+        self.targets = []  # (parameter, Q [d_in, r] fp64, Conv1D layout, is a LoRA A)
+        for b, k in keys.items():
+            mod = _lm(model).get_submodule(spec.rewrite_module_name(b))
+            q = torch.linalg.svd(k.double().T, full_matrices=False)[0]
+            s = torch.linalg.svdvals(k.double())
+            q = q[:, : int((s > s[0] * 1e-6).sum())]
+            lora = getattr(mod, "lora_A", None)
+            is_a = lora is not None and len(lora) > 0
+            w = next(iter(lora.values())).weight if is_a else mod.weight  # A is (r, in) also for Conv1D
+            if w.requires_grad:
+                self.targets.append((w, q.to(w.device), self.conv1d and not is_a, is_a))
+            bias = getattr(getattr(mod, "base_layer", mod), "bias", None)
+            if bias is not None and bias.requires_grad:  # a bias shift moves every output: held
+                self.targets.append((bias, None, False, False))
+        self.prev: list[torch.Tensor] = []
+        with torch.no_grad():  # LoRA: A k = 0 from the start (B = 0 there, so the model is unchanged)
+            for w, q, conv, is_a in self.targets:
+                if is_a:
+                    w.copy_(_project(w.double(), q, conv).to(w.dtype))
+
+    def before_step(self, model):
+        self.prev = [w.detach().clone() for w, *_ in self.targets]
+
+    def after_step(self, model):
+        with torch.no_grad():
+            for (w, q, conv, _), w0 in zip(self.targets, self.prev):
+                if q is None:
+                    w.copy_(w0)
+                    continue
+                step = (w - w0).double()
+                w.copy_((w0.double() + _project(step, q, conv)).to(w.dtype))
+
+
+def _project(m: torch.Tensor, q: torch.Tensor, conv1d: bool) -> torch.Tensor:
+    """m (I − Q Qᵀ) on the input side: m is (·, in), or (in, ·) for Conv1D weights."""
+    if conv1d:
+        return m - q @ (q.T @ m)
+    return m - (m @ q) @ q.T
+
+
+class Replay(Preserver):
+    """(1 − ρ) · task loss + ρ · LM loss of the edit prompts' new objects."""
+
+    def __init__(self, model: nn.Module, tokenizer, facts: Sequence[FactRecord], rho: float, batch: int) -> None:
+        from ..evaluate.metrics import split_target
+
+        self.rho, self.batch, self.at = rho, batch, 0
+        self.rows = []
+        for f in facts:
+            for prompt in (f.text, *f.paraphrases):
+                p_ids, t_ids = split_target(tokenizer, prompt, f.target_new)
+                self.rows.append((p_ids, t_ids))
+        if not self.rows:
+            raise EditdecayError("replay needs edited facts")
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.lm = model  # the language model (a task wrapper such as a classification head is bypassed)
+        self.device = next(model.parameters()).device
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        rows = [self.rows[(self.at + i) % len(self.rows)] for i in range(self.batch)]
+        self.at = (self.at + self.batch) % len(self.rows)
+        n = max(len(p) + len(t) for p, t in rows)
+        ids = torch.full((len(rows), n), self.pad, dtype=torch.long)
+        labels = torch.full((len(rows), n), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, (p, t) in enumerate(rows):  # right padding: positions start at 0
+            seq = list(p) + list(t)
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+            labels[i, len(p): len(seq)] = torch.tensor(list(t))
+        return {k: v.to(self.device) for k, v in {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()}
+
+    def loss(self, model, task_loss):
+        b = self.next_batch()
+        r = self.lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        return (1 - self.rho) * task_loss + self.rho * r
+
+
+def make_preserver(cfg: PreserveConfig, model: nn.Module, tokenizer, facts: Sequence[FactRecord],
+                   blocks: Sequence[int]) -> Preserver | None:
+    """The trainer hooks of ``cfg`` for the (prepared, possibly peft-wrapped) ``model``;
+    None for ``none`` and ``freeze-edited`` (a layer policy, not a hook)."""
+    if cfg.method in ("none", "freeze-edited"):
+        return None
+    if not facts:
+        raise EditdecayError(f"preserve method {cfg.method!r} needs the edited facts")
+    if cfg.method == "replay":
+        return Replay(model, tokenizer, facts, cfg.rho, cfg.replay_batch)
+    if not blocks:
+        raise EditdecayError(f"preserve method {cfg.method!r} needs the edited blocks")
+    with torch.no_grad():
+        keys = edit_keys(_lm(model), tokenizer, facts, blocks)
+    return Anchor(model, keys, cfg.mu) if cfg.method == "anchor" else NullSpace(model, keys)

@@ -1,0 +1,331 @@
+"""Edit forensics: which blocks of a model were edited, how many edits, which facts.
+
+With the base model known, every weight matrix's difference ΔW = W_suspect − W_base is
+taken apart by its singular values. A locate-then-edit method (ROME, MEMIT, AlphaEdit)
+leaves a *low-rank* ΔW on the rewrite module (the MLP output projection) of a few
+blocks and nothing elsewhere: ROME rank one per edit, MEMIT rank ≤ n per layer for n
+facts. Fine-tuning leaves dense (or, for LoRA, rank-r) differences on every trained
+module of every trained block. An edit followed by fine-tuning hides in a dense diff;
+it still shows as a spectral *outlier*: the top singular value of the edited block's
+rewrite-module diff stands far above the same module's diff in the other blocks.
+
+Verdict per block, in order:
+
+1. ``unchanged``: every matrix of the block differs by no more than float round-off.
+2. ``edited`` (isolated low-rank): at most half the blocks' rewrite modules changed and
+   this block's rewrite diff has numerical rank ≤ ``max_edit_rank_frac`` of its width.
+   Score: ``inf`` (no background to compare with).
+3. Otherwise (many blocks changed: fine-tuning): ``edited`` when σ₁ of the block's rewrite
+   diff is at least ``outlier_ratio`` times the median σ₁ of the other changed blocks'
+   rewrite diffs, else ``fine-tuned``. Score: that ratio.
+
+The number of edits is the numerical rank of an isolated edit, or, after fine-tuning,
+the count of singular values above the fine-tuning background (a lower bound: the
+smallest directions of a many-fact edit sink below the background). Numerical rank
+counts σᵢ above the float round-off of the stored weights, ``10·eps·rms(W)·(√m+√n)``
+(W the larger of the two copies), and above ``RTOL·σ₁``.
+
+Candidate facts are matched by their subject key k (the rewrite module's input at the
+subject's last token of the plain prompt): ``response = ‖ΔW k‖ / (σ₁‖k‖)``, the share of
+the edit's largest gain that k receives; an edit is built to act on its own keys and (by
+the C⁻¹ whitening) little on others, so edited subjects rank first.
+
+Without the base, :func:`spectral_anomaly` scores each block's rewrite matrix alone: the
+log ratio σ₁/σ₂ of its spectrum against the median of its neighbouring blocks'.
+
+:func:`unedit` subtracts the top singular directions of the rewrite diffs of the edited
+blocks: with no fine-tuning on top it restores the base weights within float tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from statistics import median
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .errors import EditdecayError
+from .facts.record import FactRecord
+from .models.arch import ArchSpec, get_arch
+
+
+@dataclass
+class ModuleDiff:
+    """The difference of one weight matrix (``shape`` as out × in)."""
+
+    name: str
+    block: int | None
+    rewrite: bool
+    shape: tuple[int, int]
+    norm: float
+    rel_norm: float
+    rank: int
+    top_sv: list[float] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass
+class BlockVerdict:
+    """What happened to one transformer block."""
+
+    block: int
+    verdict: str
+    """'edited' | 'fine-tuned' | 'unchanged'."""
+    score: float
+    """Isolated edit: inf; otherwise σ₁ of the rewrite diff over the other blocks' median."""
+    rank: int
+    """Numerical rank of the rewrite-module diff."""
+    n_edits: int
+    """Estimated edits in this block (0 unless 'edited')."""
+    changed_modules: list[str]
+    signature: str
+    """'isolated low-rank' | 'spectral outlier' | 'dense' | 'none'."""
+
+
+@dataclass
+class FactMatch:
+    case_id: str
+    subject: str
+    score: float
+    """Largest response over the edited blocks (1 = on the edit's top key direction)."""
+    block: int | None
+    answer_base: str | None = None
+    answer_suspect: str | None = None
+
+    @property
+    def answer_changed(self) -> bool | None:
+        if self.answer_base is None or self.answer_suspect is None:
+            return None
+        return self.answer_base != self.answer_suspect
+
+
+@dataclass
+class Inspection:
+    """The result of :func:`inspect_models`."""
+
+    blocks: list[BlockVerdict]
+    modules: list[ModuleDiff]
+    settings: dict
+    facts: list[FactMatch] = field(default_factory=list)
+    base_free: list[dict] = field(default_factory=list)
+    deltas: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    """Rewrite-module diffs (out × in) of the edited blocks, for matching and unedit."""
+
+    @property
+    def edited_blocks(self) -> list[int]:
+        return [b.block for b in self.blocks if b.verdict == "edited"]
+
+    @property
+    def n_edits(self) -> int:
+        return max((b.n_edits for b in self.blocks), default=0)
+
+    def key_directions(self, block: int, k: int | None = None) -> torch.Tensor:
+        """The top ``k`` (default: the estimated edits) right singular vectors of an
+        edited block's rewrite diff, as rows [k, d_k]: the directions of the edited keys
+        (C⁻¹-whitened for ROME/MEMIT)."""
+        if block not in self.deltas:
+            raise EditdecayError(f"block {block} is not among the edited blocks {self.edited_blocks}")
+        k = k if k is not None else next(b.n_edits for b in self.blocks if b.block == block)
+        return torch.linalg.svd(self.deltas[block].double(), full_matrices=False)[2][:k]
+
+    def to_json(self) -> dict:
+        def num(x):
+            return None if isinstance(x, float) and not math.isfinite(x) else x
+
+        return {
+            "schema": "editdecay.inspect/1",
+            "settings": self.settings,
+            "edited_blocks": self.edited_blocks,
+            "n_edits": self.n_edits,
+            "blocks": [{**asdict(b), "score": num(b.score)} for b in self.blocks],
+            "modules": [{**asdict(m), "shape": list(m.shape)} for m in self.modules if m.changed],
+            "facts": [{**asdict(f), "answer_changed": f.answer_changed} for f in self.facts],
+            "base_free": self.base_free,
+        }
+
+
+def _out_in(spec: ArchSpec, model: nn.Module, name: str, w: torch.Tensor) -> torch.Tensor:
+    """The weight as (out, in); GPT-2's Conv1D stores (in, out)."""
+    return w.T if spec.conv1d and name.endswith(".weight") else w
+
+
+def noise_floor(w: torch.Tensor, dtype: torch.dtype) -> float:
+    """Spectral norm of the round-off a stored ``dtype`` copy of ``w`` carries."""
+    m, n = w.shape
+    rms = float(w.double().pow(2).mean().sqrt())
+    return 10 * torch.finfo(dtype).eps * rms * (math.sqrt(m) + math.sqrt(n))
+
+
+RTOL = 1e-5
+"""Singular values below RTOL·σ₁ count as round-off too: the stored update is rounded
+entry by entry, several times (the update's own product, the addition), which puts
+σ₂ of a rank-one ROME edit near 1e-6·σ₁ on the embedded model."""
+
+
+def numerical_rank(sv: torch.Tensor, floor: float) -> int:
+    """σᵢ above the absolute round-off ``floor`` and above RTOL·σ₁."""
+    if not len(sv):
+        return 0
+    return int((sv > max(floor, RTOL * float(sv[0]))).sum())
+
+
+def diff_modules(base: nn.Module, suspect: nn.Module, *, top: int = 16) -> tuple[list[ModuleDiff], dict[int, torch.Tensor]]:
+    """Per weight matrix of the transformer blocks: ‖ΔW‖, its rank and top singular
+    values. Also returns the rewrite-module diffs (out × in, fp32) by block."""
+    spec = get_arch(base)
+    if get_arch(suspect) is not spec:
+        raise EditdecayError(f"base is {spec.name} but suspect is {get_arch(suspect).name}: compare models of one family")
+    bp = dict(base.named_parameters())
+    sp = dict(suspect.named_parameters())
+    rewrite = {spec.rewrite_module_name(i) + ".weight": i for i in range(spec.num_blocks(base))}
+    out, deltas = [], {}
+    for name, wb in bp.items():
+        block = spec.block_of(name)
+        if wb.dim() != 2 or block is None:
+            continue
+        ws = sp.get(name)
+        if ws is None or ws.shape != wb.shape:
+            raise EditdecayError(f"suspect has no parameter {name} of shape {tuple(wb.shape)}: not a copy of the base model")
+        d = _out_in(spec, base, name, (ws.detach().float().cpu() - wb.detach().float().cpu()))
+        floor = max(noise_floor(wb.detach().float().cpu(), ws.dtype), noise_floor(ws.detach().float().cpu(), ws.dtype))
+        if not torch.any(d):
+            sv = torch.zeros(0)
+        else:
+            sv = torch.linalg.svdvals(d)
+        rank = numerical_rank(sv, floor)
+        norm = float(sv.pow(2).sum().sqrt()) if rank else 0.0
+        out.append(ModuleDiff(name, block, name in rewrite, tuple(d.shape), norm,
+                              norm / max(float(wb.detach().float().norm()), 1e-30), rank,
+                              [float(s) for s in sv[:top]] if rank else []))
+        if name in rewrite and rank:
+            deltas[block] = d
+    return out, deltas
+
+
+def block_verdicts(modules: list[ModuleDiff], n_blocks: int, *, outlier_ratio: float = 3.0,
+                   max_edit_rank_frac: float = 0.25) -> list[BlockVerdict]:
+    """Verdicts per block from the module diffs (rules in the module docstring)."""
+    by_block: dict[int, list[ModuleDiff]] = {b: [] for b in range(n_blocks)}
+    for m in modules:
+        by_block[m.block].append(m)
+    rw = {b: next((m for m in ms if m.rewrite), None) for b, ms in by_block.items()}
+    changed_rw = [b for b, m in rw.items() if m is not None and m.changed]
+    isolated = len(changed_rw) <= n_blocks / 2
+    sigma1 = {b: rw[b].top_sv[0] for b in changed_rw}
+    verdicts = []
+    for b in range(n_blocks):
+        ms = by_block[b]
+        changed = [m.name for m in ms if m.changed]
+        r = rw[b]
+        if not changed:
+            verdicts.append(BlockVerdict(b, "unchanged", 0.0, 0, 0, [], "none"))
+            continue
+        if r is None or not r.changed:
+            verdicts.append(BlockVerdict(b, "fine-tuned", 0.0, 0, 0, changed, "dense"))
+            continue
+        if isolated:
+            low = r.rank <= max_edit_rank_frac * min(r.shape)
+            verdicts.append(BlockVerdict(b, "edited" if low else "fine-tuned", math.inf if low else 0.0, r.rank,
+                                         r.rank if low else 0, changed, "isolated low-rank" if low else "dense"))
+            continue
+        others = [s for o, s in sigma1.items() if o != b]
+        bg = median(others) if others else 0.0
+        ratio = sigma1[b] / bg if bg > 0 else math.inf
+        if ratio >= outlier_ratio:
+            n = sum(1 for s in r.top_sv if s >= outlier_ratio * bg) if bg > 0 else r.rank
+            verdicts.append(BlockVerdict(b, "edited", ratio, r.rank, max(n, 1), changed, "spectral outlier"))
+        else:
+            verdicts.append(BlockVerdict(b, "fine-tuned", ratio, r.rank, 0, changed, "dense"))
+    return verdicts
+
+
+def subject_keys(model: nn.Module, tokenizer, facts: Sequence[FactRecord], layer: int) -> torch.Tensor:
+    """The rewrite module's input at each fact's subject-last token (plain prompt) [n, d_k]."""
+    from .editing.core import template_keys
+
+    return template_keys(model, tokenizer, list(facts), [], layer)[1]
+
+
+def match_facts(model: nn.Module, tokenizer, facts: Sequence[FactRecord], deltas: dict[int, torch.Tensor],
+                blocks: Sequence[int]) -> list[FactMatch]:
+    """Score candidate facts against the edited blocks' diffs, best match first."""
+    best = [(0.0, None)] * len(facts)
+    for b in blocks:
+        d = deltas[b].double()
+        s1 = float(torch.linalg.matrix_norm(d, ord=2))
+        k = subject_keys(model, tokenizer, facts, b).double().cpu()
+        resp = (k @ d.T).norm(dim=1) / (s1 * k.norm(dim=1).clamp_min(1e-30))
+        best = [max(o, (float(r), b), key=lambda t: t[0]) for o, r in zip(best, resp)]
+    out = [FactMatch(f.case_id, f.subject, s, b) for f, (s, b) in zip(facts, best)]
+    return sorted(out, key=lambda m: -m.score)
+
+
+def spectral_anomaly(model: nn.Module, *, window: int = 2) -> list[dict]:
+    """Base-free score per block: log(σ₁/σ₂) of the rewrite matrix minus the median of
+    the same over the ``window`` blocks on either side (higher = more anomalous)."""
+    spec = get_arch(model)
+    gaps = []
+    for i in range(spec.num_blocks(model)):
+        name = spec.rewrite_module_name(i)
+        w = _out_in(spec, model, name + ".weight", model.get_submodule(name).weight.detach().float().cpu())
+        sv = torch.linalg.svdvals(w)
+        gaps.append(math.log(float(sv[0]) / max(float(sv[1]), 1e-30)))
+    out = []
+    for i, g in enumerate(gaps):
+        nb = [gaps[j] for j in range(max(0, i - window), min(len(gaps), i + window + 1)) if j != i]
+        out.append({"block": i, "score": g - median(nb), "log_gap": g})
+    return out
+
+
+def inspect_models(base: nn.Module, suspect: nn.Module, tokenizer=None, facts: Sequence[FactRecord] = (), *,
+                   outlier_ratio: float = 3.0, max_edit_rank_frac: float = 0.25, answers: bool = True) -> Inspection:
+    """Compare ``suspect`` with ``base``: verdicts per block, the number of edits and,
+    given candidate ``facts`` (and the tokenizer), which of them the edit matches and
+    whose answers differ between the two models."""
+    spec = get_arch(base)
+    modules, deltas = diff_modules(base, suspect)
+    verdicts = block_verdicts(modules, spec.num_blocks(base), outlier_ratio=outlier_ratio,
+                              max_edit_rank_frac=max_edit_rank_frac)
+    edited = [v.block for v in verdicts if v.verdict == "edited"]
+    ins = Inspection(verdicts, modules, {"outlier_ratio": outlier_ratio, "max_edit_rank_frac": max_edit_rank_frac},
+                     deltas={b: deltas[b] for b in edited})
+    if facts and tokenizer is not None and edited:
+        ins.facts = match_facts(suspect, tokenizer, facts, ins.deltas, edited)
+    elif facts:
+        ins.facts = [FactMatch(f.case_id, f.subject, 0.0, None) for f in facts]
+    if facts and tokenizer is not None and answers:
+        from .evaluate.probes import Prober
+
+        by_id = {f.case_id: f for f in facts}
+        prompts = [by_id[m.case_id].text for m in ins.facts]
+        for who, model in (("answer_base", base), ("answer_suspect", suspect)):
+            for m, r in zip(ins.facts, Prober(model, tokenizer).probe(prompts, k=1)):
+                setattr(m, who, r.first_non_stop.token)
+    ins.base_free = spectral_anomaly(suspect)
+    return ins
+
+
+def unedit(suspect: nn.Module, inspection: Inspection, *, rank: int | None = None) -> dict[str, torch.Tensor]:
+    """Subtract, in place, the top ``rank`` (default: each block's estimated edits)
+    singular directions of the edited blocks' rewrite diffs. Returns the removed
+    changes by parameter name (in the parameter's own layout)."""
+    spec = get_arch(suspect)
+    removed = {}
+    by_block = {v.block: v for v in inspection.blocks}
+    for b, d in inspection.deltas.items():
+        r = rank if rank is not None else by_block[b].n_edits
+        u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
+        low = (u[:, :r] * s[:r]) @ vh[:r]
+        name = spec.rewrite_module_name(b) + ".weight"
+        p = suspect.get_parameter(name)
+        change = _out_in(spec, suspect, name, low).to(p.dtype).to(p.device)
+        with torch.no_grad():
+            p.sub_(change)
+        removed[name] = change.cpu()
+    return removed
