@@ -416,7 +416,7 @@ def finetune(
         m, tok = load_model(model, device=device)
     if layers_from is not None:
         edited = list(get_editor(layers_from, model=m).hparams.layers)
-    preserve = _preserve_config(preserve_edits, preserve_mu, preserve_rho, remove_edits, layers, edited, probe_facts)
+    preserve = _preserve_config(preserve_edits, preserve_mu, preserve_rho, remove_edits, layers, probe_facts)
     removal = None
     if remove_edits == "edited-blocks":
         layers = "edited"
@@ -458,7 +458,7 @@ def finetune(
         typer.echo(f"retention edited/intrinsic by step: {curve}")
 
 
-def _preserve_config(method, mu, rho, remove, layers, edited, probe_facts):
+def _preserve_config(method, mu, rho, remove, layers, probe_facts):
     """Validate --preserve-edits / --remove-edits; the PreserveConfig (or None)."""
     from .finetune.preserve import PreserveConfig
 
@@ -468,8 +468,6 @@ def _preserve_config(method, mu, rho, remove, layers, edited, probe_facts):
         raise EditdecayError(f"unknown --remove-edits {remove!r}: use edited-blocks | unedit")
     if remove == "edited-blocks" and layers != "all":
         raise EditdecayError(f"--remove-edits edited-blocks is the layer policy edited: it cannot combine with --layers {layers}")
-    if (method not in (None, "replay") or remove == "edited-blocks") and not edited:
-        raise EditdecayError("the edited blocks are unknown: use --from-edit (an 'editdecay edit --save-model' output) or --layers-from")
     if method is not None and method != "freeze-edited" and not probe_facts:
         raise EditdecayError(f"--preserve-edits {method} needs the edited facts: pass them as the first --probe-facts file")
     return PreserveConfig(method, mu=mu, rho=rho) if method is not None else None
@@ -483,7 +481,7 @@ def _unedit(model, base: str | None, device) -> dict:
     if base is None:
         raise EditdecayError("--remove-edits unedit needs the unedited model: --unedit-base, or --from-edit with its recorded base")
     b, _ = load_model(base, device=device)
-    ins = inspect_models(b, model)
+    ins = inspect_models(b, model, base_free=False)
     removed = unedit(model, ins)
     return {"method": "unedit", "base": base, "blocks": ins.edited_blocks, "n_edits": ins.n_edits,
             "removed": sorted(removed)}

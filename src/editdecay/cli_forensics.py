@@ -41,10 +41,10 @@ def inspect(
     from .facts.datasets import load_facts
     from .forensics import Inspection, inspect_models, spectral_anomaly
 
+    if base is None and facts is not None:
+        raise EditdecayError("--facts needs --base (facts are matched against the weight difference)")
     cands = load_facts(facts) if facts is not None else []
     if base is None:
-        if facts is not None:
-            raise EditdecayError("--facts needs --base (facts are matched against the weight difference)")
         s, _ = _load_stage(suspect, device=device)
         ins = Inspection([], [], {}, base_free=spectral_anomaly(s))
     else:

@@ -150,9 +150,9 @@ class Inspection:
         }
 
 
-def _out_in(spec: ArchSpec, model: nn.Module, name: str, w: torch.Tensor) -> torch.Tensor:
-    """The weight as (out, in); GPT-2's Conv1D stores (in, out)."""
-    return w.T if spec.conv1d and name.endswith(".weight") else w
+def _out_in(spec: ArchSpec, w: torch.Tensor) -> torch.Tensor:
+    """A block weight as (out, in); GPT-2's Conv1D stores (in, out)."""
+    return w.T if spec.conv1d else w
 
 
 def noise_floor(w: torch.Tensor, dtype: torch.dtype) -> float:
@@ -192,16 +192,14 @@ def diff_modules(base: nn.Module, suspect: nn.Module, *, top: int = 16) -> tuple
         ws = sp.get(name)
         if ws is None or ws.shape != wb.shape:
             raise EditdecayError(f"suspect has no parameter {name} of shape {tuple(wb.shape)}: not a copy of the base model")
-        d = _out_in(spec, base, name, (ws.detach().float().cpu() - wb.detach().float().cpu()))
-        floor = max(noise_floor(wb.detach().float().cpu(), ws.dtype), noise_floor(ws.detach().float().cpu(), ws.dtype))
-        if not torch.any(d):
-            sv = torch.zeros(0)
-        else:
-            sv = torch.linalg.svdvals(d)
+        wb32, ws32 = wb.detach().float().cpu(), ws.detach().float().cpu()
+        d = _out_in(spec, ws32 - wb32)
+        floor = max(noise_floor(wb32, ws.dtype), noise_floor(ws32, ws.dtype))
+        sv = torch.linalg.svdvals(d) if torch.any(d) else torch.zeros(0)
         rank = numerical_rank(sv, floor)
         norm = float(sv.pow(2).sum().sqrt()) if rank else 0.0
         out.append(ModuleDiff(name, block, name in rewrite, tuple(d.shape), norm,
-                              norm / max(float(wb.detach().float().norm()), 1e-30), rank,
+                              norm / max(float(wb32.norm()), 1e-30), rank,
                               [float(s) for s in sv[:top]] if rank else []))
         if name in rewrite and rank:
             deltas[block] = d
@@ -245,22 +243,17 @@ def block_verdicts(modules: list[ModuleDiff], n_blocks: int, *, outlier_ratio: f
     return verdicts
 
 
-def subject_keys(model: nn.Module, tokenizer, facts: Sequence[FactRecord], layer: int) -> torch.Tensor:
-    """The rewrite module's input at each fact's subject-last token (plain prompt) [n, d_k]."""
-    from .editing.core import template_keys
-
-    return template_keys(model, tokenizer, list(facts), [], layer)[1]
-
-
 def match_facts(model: nn.Module, tokenizer, facts: Sequence[FactRecord], deltas: dict[int, torch.Tensor],
-                blocks: Sequence[int]) -> list[FactMatch]:
-    """Score candidate facts against the edited blocks' diffs, best match first."""
+                sigma1: dict[int, float]) -> list[FactMatch]:
+    """Score candidate facts against the edited blocks' diffs (``sigma1``: each diff's
+    largest singular value), best match first."""
+    from .editing.core import subject_keys
+
     best = [(0.0, None)] * len(facts)
-    for b in blocks:
-        d = deltas[b].double()
-        s1 = float(torch.linalg.matrix_norm(d, ord=2))
-        k = subject_keys(model, tokenizer, facts, b).double().cpu()
-        resp = (k @ d.T).norm(dim=1) / (s1 * k.norm(dim=1).clamp_min(1e-30))
+    keys = subject_keys(model, tokenizer, facts, list(deltas))
+    for b, d in deltas.items():
+        k = keys[b].double().cpu()
+        resp = (k @ d.double().T).norm(dim=1) / (sigma1[b] * k.norm(dim=1).clamp_min(1e-30))
         best = [max(o, (float(r), b), key=lambda t: t[0]) for o, r in zip(best, resp)]
     out = [FactMatch(f.case_id, f.subject, s, b) for f, (s, b) in zip(facts, best)]
     return sorted(out, key=lambda m: -m.score)
@@ -273,8 +266,7 @@ def spectral_anomaly(model: nn.Module, *, window: int = 2) -> list[dict]:
     gaps = []
     for i in range(spec.num_blocks(model)):
         name = spec.rewrite_module_name(i)
-        w = _out_in(spec, model, name + ".weight", model.get_submodule(name).weight.detach().float().cpu())
-        sv = torch.linalg.svdvals(w)
+        sv = torch.linalg.svdvals(model.get_submodule(name).weight.detach().float().cpu())  # σ of W = σ of Wᵀ
         gaps.append(math.log(float(sv[0]) / max(float(sv[1]), 1e-30)))
     out = []
     for i, g in enumerate(gaps):
@@ -284,10 +276,12 @@ def spectral_anomaly(model: nn.Module, *, window: int = 2) -> list[dict]:
 
 
 def inspect_models(base: nn.Module, suspect: nn.Module, tokenizer=None, facts: Sequence[FactRecord] = (), *,
-                   outlier_ratio: float = 3.0, max_edit_rank_frac: float = 0.25, answers: bool = True) -> Inspection:
+                   outlier_ratio: float = 3.0, max_edit_rank_frac: float = 0.25, answers: bool = True,
+                   base_free: bool = True) -> Inspection:
     """Compare ``suspect`` with ``base``: verdicts per block, the number of edits and,
     given candidate ``facts`` (and the tokenizer), which of them the edit matches and
-    whose answers differ between the two models."""
+    whose answers differ between the two models; ``base_free`` adds
+    :func:`spectral_anomaly` of the suspect."""
     spec = get_arch(base)
     modules, deltas = diff_modules(base, suspect)
     verdicts = block_verdicts(modules, spec.num_blocks(base), outlier_ratio=outlier_ratio,
@@ -296,7 +290,8 @@ def inspect_models(base: nn.Module, suspect: nn.Module, tokenizer=None, facts: S
     ins = Inspection(verdicts, modules, {"outlier_ratio": outlier_ratio, "max_edit_rank_frac": max_edit_rank_frac},
                      deltas={b: deltas[b] for b in edited})
     if facts and tokenizer is not None and edited:
-        ins.facts = match_facts(suspect, tokenizer, facts, ins.deltas, edited)
+        sigma1 = {m.block: m.top_sv[0] for m in modules if m.rewrite and m.block in ins.deltas}
+        ins.facts = match_facts(suspect, tokenizer, facts, ins.deltas, sigma1)
     elif facts:
         ins.facts = [FactMatch(f.case_id, f.subject, 0.0, None) for f in facts]
     if facts and tokenizer is not None and answers:
@@ -307,7 +302,8 @@ def inspect_models(base: nn.Module, suspect: nn.Module, tokenizer=None, facts: S
         for who, model in (("answer_base", base), ("answer_suspect", suspect)):
             for m, r in zip(ins.facts, Prober(model, tokenizer).probe(prompts, k=1)):
                 setattr(m, who, r.first_non_stop.token)
-    ins.base_free = spectral_anomaly(suspect)
+    if base_free:
+        ins.base_free = spectral_anomaly(suspect)
     return ins
 
 
@@ -324,7 +320,7 @@ def unedit(suspect: nn.Module, inspection: Inspection, *, rank: int | None = Non
         low = (u[:, :r] * s[:r]) @ vh[:r]
         name = spec.rewrite_module_name(b) + ".weight"
         p = suspect.get_parameter(name)
-        change = _out_in(spec, suspect, name, low).to(p.dtype).to(p.device)
+        change = _out_in(spec, low).to(p.dtype).to(p.device)
         with torch.no_grad():
             p.sub_(change)
         removed[name] = change.cpu()

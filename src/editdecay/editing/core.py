@@ -129,33 +129,56 @@ def module_io_at(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Input and output of ``module_name`` at one token position of each text
     (fp32, [n, d_in] and [n, d_out]). The forward stops right after the module."""
-    module = model.get_submodule(module_name)
+    return modules_io_at(model, tokenizer, [module_name], texts, positions, batch_size=batch_size)[module_name]
+
+
+@torch.no_grad()
+def modules_io_at(
+    model: nn.Module, tokenizer, module_names: Sequence[str], texts: Sequence[str], positions: Sequence[int], *,
+    batch_size: int = 32,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`module_io_at` for several modules in one forward per batch, which stops
+    once every module has run: name → (input [n, d_in], output [n, d_out])."""
+    modules = {n: model.get_submodule(n) for n in module_names}
     device = model.get_output_embeddings().weight.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ins, outs = [], []
+    ins: dict[str, list] = {n: [] for n in modules}
+    outs: dict[str, list] = {n: [] for n in modules}
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
         pos = torch.tensor(positions[start : start + batch_size], device=device)
+        rows = torch.arange(len(chunk), device=device)
         ids, mask = _pad([tokenizer(t)["input_ids"] for t in chunk], pad, device)
-        got = {}
+        seen: set[str] = set()
 
-        def hook(m, args, out):
-            rows = torch.arange(len(chunk), device=device)
-            h = out[0] if isinstance(out, tuple) else out
-            got["in"] = args[0][rows, pos].float()
-            got["out"] = h[rows, pos].float()
-            raise _Stop
+        def hook_for(name):
+            def hook(m, args, out):
+                h = out[0] if isinstance(out, tuple) else out
+                ins[name].append(args[0][rows, pos].float())
+                outs[name].append(h[rows, pos].float())
+                seen.add(name)
+                if len(seen) == len(modules):
+                    raise _Stop
+            return hook
 
-        h = module.register_forward_hook(hook)
+        handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
         try:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         except _Stop:
             pass
         finally:
-            h.remove()
-        ins.append(got["in"])
-        outs.append(got["out"])
-    return torch.cat(ins), torch.cat(outs)
+            for h in handles:
+                h.remove()
+    return {n: (torch.cat(ins[n]), torch.cat(outs[n])) for n in modules}
+
+
+def subject_keys(model: nn.Module, tokenizer, requests: Sequence[FactRecord], layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Each layer's rewrite-module input at each request's subject-last token of the
+    plain prompt (fp32 [n, d_k]), all layers in one forward per batch."""
+    spec = get_arch(model)
+    texts, positions = plain_positions(tokenizer, requests)
+    io = modules_io_at(model, tokenizer, [spec.rewrite_module_name(l) for l in layers], texts, positions)
+    return {l: io[spec.rewrite_module_name(l)][0] for l in layers}
 
 
 def plain_positions(tokenizer, requests: Sequence[FactRecord]) -> tuple[list[str], list[int]]:

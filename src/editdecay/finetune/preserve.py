@@ -71,10 +71,9 @@ def key_prompts(facts: Sequence[FactRecord]) -> list[FactRecord]:
 
 def edit_keys(model: nn.Module, tokenizer, facts: Sequence[FactRecord], blocks: Sequence[int]) -> dict[int, torch.Tensor]:
     """Keys [n, d_k] of each block's rewrite module at the facts' subjects (fp32)."""
-    from ..editing.core import template_keys
+    from ..editing.core import subject_keys
 
-    recs = key_prompts(facts)
-    return {b: template_keys(model, tokenizer, recs, [], b)[1].float() for b in blocks}
+    return subject_keys(model, tokenizer, key_prompts(facts), blocks)
 
 
 def _lm(model: nn.Module) -> nn.Module:
@@ -128,18 +127,16 @@ class NullSpace(Preserver):
 
     def __init__(self, model: nn.Module, keys: dict[int, torch.Tensor]) -> None:
         spec = get_arch(_lm(model))
-        self.conv1d = spec.conv1d
         self.targets = []  # (parameter, Q [d_in, r] fp64, Conv1D layout, is a LoRA A)
         for b, k in keys.items():
             mod = _lm(model).get_submodule(spec.rewrite_module_name(b))
-            q = torch.linalg.svd(k.double().T, full_matrices=False)[0]
-            s = torch.linalg.svdvals(k.double())
+            q, s, _ = torch.linalg.svd(k.double().T, full_matrices=False)
             q = q[:, : int((s > s[0] * 1e-6).sum())]
             lora = getattr(mod, "lora_A", None)
             is_a = lora is not None and len(lora) > 0
             w = next(iter(lora.values())).weight if is_a else mod.weight  # A is (r, in) also for Conv1D
             if w.requires_grad:
-                self.targets.append((w, q.to(w.device), self.conv1d and not is_a, is_a))
+                self.targets.append((w, q.to(w.device), spec.conv1d and not is_a, is_a))
             bias = getattr(getattr(mod, "base_layer", mod), "bias", None)
             if bias is not None and bias.requires_grad:  # a bias shift moves every output: held
                 self.targets.append((bias, None, False, False))
@@ -188,18 +185,15 @@ class Replay(Preserver):
         self.device = next(model.parameters()).device
 
     def next_batch(self) -> dict[str, torch.Tensor]:
+        from ..editing.core import _pad
+
         rows = [self.rows[(self.at + i) % len(self.rows)] for i in range(self.batch)]
         self.at = (self.at + self.batch) % len(self.rows)
-        n = max(len(p) + len(t) for p, t in rows)
-        ids = torch.full((len(rows), n), self.pad, dtype=torch.long)
-        labels = torch.full((len(rows), n), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, (p, t) in enumerate(rows):  # right padding: positions start at 0
-            seq = list(p) + list(t)
-            ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
-            labels[i, len(p): len(seq)] = torch.tensor(list(t))
-        return {k: v.to(self.device) for k, v in {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()}
+        ids, mask = _pad([[*p, *t] for p, t in rows], self.pad, self.device)  # right padding: positions from 0
+        labels = torch.full_like(ids, -100)
+        for i, (p, t) in enumerate(rows):
+            labels[i, len(p): len(p) + len(t)] = torch.tensor(list(t))
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def loss(self, model, task_loss):
         b = self.next_batch()
@@ -218,7 +212,8 @@ def make_preserver(cfg: PreserveConfig, model: nn.Module, tokenizer, facts: Sequ
     if cfg.method == "replay":
         return Replay(model, tokenizer, facts, cfg.rho, cfg.replay_batch)
     if not blocks:
-        raise EditdecayError(f"preserve method {cfg.method!r} needs the edited blocks")
+        raise EditdecayError(f"preserve method {cfg.method!r} needs the edited blocks: fine-tune a model saved by "
+                             "'editdecay edit --save-model' (it records them) or name an editor's layers (layers_from)")
     with torch.no_grad():
         keys = edit_keys(_lm(model), tokenizer, facts, blocks)
     return Anchor(model, keys, cfg.mu) if cfg.method == "anchor" else NullSpace(model, keys)

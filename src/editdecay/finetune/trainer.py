@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import EditdecayError
+from .preserve import Preserver
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def train(
     trainable: list[str] | None = None,
     loss_fn: Callable[[nn.Module, Batch], torch.Tensor] = lm_loss,
     progress: bool = True,
-    preserver=None,
+    preserver: Preserver | None = None,
 ) -> TrainLog:
     """Train the parameters with ``requires_grad`` until a rule fires or ``max_steps``.
 
@@ -125,6 +126,7 @@ def train(
     and probes run at step 0 and every ``eval_every`` steps (and at the last step).
     ``preserver`` (:class:`~editdecay.finetune.preserve.Preserver`) turns each
     micro-batch's task loss into the loss trained and wraps every optimiser step."""
+    preserver = preserver if preserver is not None else Preserver()  # the base class changes nothing
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise EditdecayError("nothing to train: no parameter requires grad")
@@ -172,10 +174,7 @@ def train(
             for _ in range(cfg.grad_accum):
                 batch = next(batches)
                 with autocast:
-                    loss = loss_fn(model, batch).float()
-                    if preserver is not None:
-                        loss = preserver.loss(model, loss)
-                    loss = loss / cfg.grad_accum
+                    loss = preserver.loss(model, loss_fn(model, batch).float()) / cfg.grad_accum
                 loss.backward()
                 total += float(loss.detach())
                 tlog.tokens += int(batch["attention_mask"].sum())
@@ -183,11 +182,9 @@ def train(
                 raise EditdecayError(f"fine-tuning diverged: loss {total} at step {step + 1}")
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if preserver is not None:
-                preserver.before_step(model)
+            preserver.before_step(model)
             opt.step()
-            if preserver is not None:
-                preserver.after_step(model)
+            preserver.after_step(model)
             step += 1
             tlog.train_loss.append(total)
             bar.update(1)
