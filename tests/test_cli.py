@@ -185,6 +185,30 @@ def test_inspect_finds_the_rome_edit_and_finetune_preserves_or_removes_it(embedd
     assert r.exit_code != 0 and "exclude each other" in str(r.exception)
 
 
+def test_reedit_reapplies_the_edit_that_finetuning_removed(embedded, rome_saved, tmp_path):
+    """Issue 18: a fine-tune that lost the ROME edit (here: unedit, so it is surely gone)
+    gets it back from 'editdecay reedit'; from scratch and the original edit are timed."""
+    saved, _, fact = rome_saved
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"The river number {i} flows north past the old mill." for i in range(100)))
+    r = runner.invoke(app, ["finetune", "--from-edit", str(saved / "edited"), "--data", str(text), "--method", "full",
+                            "--max-steps", "1", "--block-size", "32", "--batch-size", "2", "--stop", "loss<0.01",
+                            "--probe-facts", str(saved / "one.jsonl"), "--remove-edits", "unedit",
+                            "--out", str(tmp_path / "ft"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["from_edit"] == str(saved / "edited")
+    r = runner.invoke(app, ["reedit", "--from-finetune", str(tmp_path / "ft"), "--out", str(tmp_path / "re"), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["schema"] == "editdecay.reedit/1" and doc["method"] == "rome" and doc["decayed"] == ["paris"]
+    assert doc["finetuned"]["success"] == 0.0 and doc["reedit"]["decayed"]["success"] == 1.0
+    assert doc["scratch"]["all"]["success"] == 1.0 and doc["reedit"]["seconds"] > 0
+    assert doc["original"]["method"] == "rome" and doc["original"]["seconds_per_fact"] > 0
+    assert json.loads((tmp_path / "re" / "reedit.json").read_text()) == doc
+    r = runner.invoke(app, ["reedit", "--from-finetune", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "no finetune.json" in str(r.exception)
+
+
 def test_edit_errors(tmp_path):
     from editdecay.facts.datasets import write_facts
     from editdecay.facts.record import FactRecord

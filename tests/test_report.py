@@ -80,7 +80,7 @@ def add_trial(store: Store, sid: int, *, model: str = GPTJ, dataset: str = "zsre
     axes = {"model": model, "dataset": None if zero else dataset, "editor": editor,
             "edit_layers": None if zero else (layers or "default"), "n_edits": 0 if zero else n,
             "protocol": None if zero else protocol, "task": task if has_ft else None, "ft_method": ft,
-            "layer_policy": policy if has_ft else None, "seed": 0}
+            "layer_policy": policy if has_ft else None, "seed": 0, "preserve": "none" if has_ft and not zero else None}
     assert set(axes) == set(AXES)
     t = Trial(config_hash(cfg), json.loads(json.dumps(cfg)), axes, (axes,))
     store.upsert_trials(sid, [t])
@@ -290,7 +290,8 @@ def test_large_samples_use_the_binomial_bootstrap():
 def test_every_section_has_data_on_the_synthetic_batch_study(synthetic_db):
     secs = _sections(synthetic_db)
     empty = {sid for sid, s in secs.items() if not s.has_data}
-    assert empty == {"s001_fig67"}, empty  # tracing is not in the store
+    # no tracing in the store; the budget and preserve axes are tested in test_findings
+    assert empty == {"s001_fig67", "budget_curves", "preserve", "reedit"}, empty
     assert "artefacts of kind `trace`" in secs["s001_fig67"].missing
     t5 = secs["s001_t5"].tables[0]
     assert t5.columns == ["metric", "base", "edited", "ft-all", "ft-edited", "ft-non-edited"]

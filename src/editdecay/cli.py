@@ -307,7 +307,9 @@ def edit(
     if save_model is not None and protocol != "single":
         save_model_dir(m, tok, save_model, {"base": base, "edit": {"method": method, "protocol": protocol,
                                                                    "case_ids": [f.case_id for f in facts],
-                                                                   "edited_layers": doc["edited_layers"]}})
+                                                                   "edited_layers": doc["edited_layers"],
+                                                                   "preset": preset, "requests": str(requests),
+                                                                   "seconds_per_fact": doc["seconds_per_fact"]}})
     if protocol != "single":
         res.restore(m)
     elif save_model is not None:
@@ -321,7 +323,9 @@ def edit(
             for name, d in outcome.result.deltas.items():
                 params[name].add_(d)
         save_model_dir(m, tok, save_model, {"base": base, "edit": {"method": method, "case_id": outcome.case_id,
-                                                                   "edited_layers": outcome.edited_layers}})
+                                                                   "edited_layers": outcome.edited_layers,
+                                                                   "preset": preset, "requests": str(requests),
+                                                                   "seconds_per_fact": outcome.seconds}})
         outcome.result.restore(m)
     if as_json:
         typer.echo(json.dumps(doc))
@@ -385,7 +389,7 @@ def finetune(
     "nonstop", "n"}}, "top": [{"case_id", "first_non_stop", "tokens": [[tok, p]]}],
     "per_fact": {"edit": [bool], "intrinsic": [bool]}}], "blocks": [int], "base":
     {"loss", "acc"?}, "preset": {...}, "task": {...}, "seconds", "tokens", "method",
-    "layers", "edited_layers"}. retention_new is measured on the first --probe-facts
+    "layers", "edited_layers", "from_edit", "model", "probe_facts": [paths]}. retention_new is measured on the first --probe-facts
     file, retention_true on the others (on the first when it is the only one).
     "loss<base-Δ" compares with the unedited model's validation loss (for --from-edit
     the base model recorded by 'editdecay edit').
@@ -434,6 +438,9 @@ def finetune(
                        preserve=preserve, edit_facts=edit_set)
     del base_model
     doc = _nan_to_none({**res.to_json(), "method": p.method, "layers": layers, "edited_layers": edited,
+                        "from_edit": str(from_edit) if from_edit is not None else None,
+                        "model": str(model) if from_edit is None else None,
+                        "probe_facts": [str(f) for f in probe_facts or []],
                         **({"remove_edits": removal} if removal else {})})
     out.mkdir(parents=True, exist_ok=True)
     meta = {"finetune": {"task": task, "method": p.method, "layers": layers, "steps": res.log.steps, "stop_reason": res.log.stop_reason}}
@@ -828,9 +835,10 @@ from .cli_editors import train_editor  # noqa: E402
 
 app.command("train-editor")(train_editor)
 
-from .cli_forensics import inspect  # noqa: E402
+from .cli_forensics import inspect, reedit  # noqa: E402
 
 app.command("inspect")(inspect)
+app.command("reedit")(reedit)
 
 
 def main() -> None:

@@ -70,3 +70,89 @@ def inspect(
                       for f in ins.facts[:top_k]])
     top = sorted(ins.base_free, key=lambda r: -r["score"])[:3]
     typer.echo("base-free spectral score, highest blocks: " + ", ".join(f"{r['block']} ({r['score']:+.2f})" for r in top))
+
+
+def reedit(
+    from_finetune: Annotated[Path, typer.Option(help="An 'editdecay finetune --from-edit' output directory (model/ or adapter/, finetune.json).")],
+    out: Annotated[Path, typer.Option(help="Output directory (reedit.json).")],
+    method: Annotated[Optional[str], typer.Option(help="Editor for the re-edit (default: the one that made the edit).")] = None,
+    facts: Annotated[Optional[Path], typer.Option(help="The edited facts (default: the first --probe-facts file of the fine-tune, else the edit's requests).")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Editor preset (default: the edit's, for the same editor; else derived).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Facts per editor call (default: all at once).")] = None,
+    scratch: Annotated[bool, typer.Option(help="Also time editing every fact again from scratch on the fine-tuned model.")] = True,
+    save_model: Annotated[Optional[Path], typer.Option(help="Save the re-edited model here.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Device (default: cuda if available, else cpu).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document (schema in this help) instead of a table.")] = False,
+) -> None:
+    """Re-apply the edits that fine-tuning undid (seed 001's re-edit cost, measured).
+
+    Loads the fine-tuned model of FROM_FINETUNE, finds the edited facts whose edit no longer
+    succeeds (ES on the rewrite prompt), re-edits only those and compares with editing
+    every fact from scratch on the fine-tuned model and with the original edit's time.
+
+    JSON schema (also OUT/reedit.json): {"schema": "editdecay.reedit/1", "from_finetune",
+    "method", "n_facts", "decayed": [case ids], "finetuned": {"n", "es", "success",
+    "retention_new"}, "reedit": {"n", "seconds", "seconds_per_fact", "decayed": {rates over
+    the decayed facts}, "all": {rates over every fact}}, "scratch": {same} | null,
+    "original": {"method", "seconds_per_fact", "seconds"} | null}.
+    """
+    from .cli import _load_stage, _print_table, _write_json
+    from .editing import get_editor
+    from .editing.protocols import reedit as run_reedit
+    from .facts.datasets import load_facts
+    from .models import save_model as save_model_dir
+
+    info_path = from_finetune / "finetune.json"
+    if not info_path.is_file():
+        raise EditdecayError(f"{from_finetune}: no finetune.json (an 'editdecay finetune' output directory is needed)")
+    info = json.loads(info_path.read_text())
+    src = info.get("from_edit")
+    if not src:
+        raise EditdecayError(f"{info_path}: the fine-tune was not started from an edited model (--from-edit), so there are no edits to re-apply")
+    ident_path = Path(src) / "identity.json"
+    edit_meta = json.loads(ident_path.read_text()).get("edit", {}) if ident_path.is_file() else {}
+    fact_file = facts or (Path(info["probe_facts"][0]) if info.get("probe_facts") else None) or (
+        Path(edit_meta["requests"]) if edit_meta.get("requests") else None)
+    if fact_file is None:
+        raise EditdecayError(f"{info_path}: which facts were edited is not recorded; pass --facts FILE")
+    edit_set = load_facts(fact_file)
+    ids = edit_meta.get("case_ids") or ([edit_meta["case_id"]] if edit_meta.get("case_id") else None)
+    if ids and not facts:
+        edit_set = [f for f in edit_set if f.case_id in set(ids)] or edit_set
+    name = method or edit_meta.get("method")
+    if not name:
+        raise EditdecayError(f"{ident_path}: the editor is not recorded; pass --method")
+    edited = _load_stage(str(from_finetune), _load_stage(src, device=device) if (from_finetune / "adapter").is_dir() else None,
+                         device)
+    model, tok = edited
+    editor = get_editor(name, preset=preset or (edit_meta.get("preset") if name == edit_meta.get("method") else None),
+                        model=model)
+    doc, _ = run_reedit(editor, model, tok, edit_set, batch_size=batch_size, scratch=scratch)
+    spf = edit_meta.get("seconds_per_fact")
+    doc = {"schema": "editdecay.reedit/1", "from_finetune": str(from_finetune), "method": name, **doc,
+           "original": {"method": edit_meta.get("method"), "seconds_per_fact": spf,
+                        "seconds": spf * len(edit_set) if spf is not None else None} if edit_meta else None}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "reedit.json", doc)
+    if save_model is not None:
+        save_model_dir(model, tok, save_model, {"reedit": {"from_finetune": str(from_finetune), "method": name,
+                                                           "case_ids": doc["decayed"]}})
+    if as_json:
+        typer.echo(json.dumps(doc))
+        return
+
+    def cells(label: str, d: dict | None, secs: float | None) -> list[str]:
+        if d is None:
+            return [label, "—", "—", "—", "—"]
+        return [label, str(d["n"]), "—" if secs is None else f"{secs:.1f}",
+                f"{d['decayed']['success']:.2f}" if d["decayed"]["n"] else "—", f"{d['all']['success']:.2f}"]
+
+    o = doc["original"] or {}
+    rows = [cells("re-edit the decayed facts", doc["reedit"], doc["reedit"]["seconds"]),
+            cells("edit every fact from scratch", doc["scratch"], (doc["scratch"] or {}).get("seconds")),
+            ["original edit (base model)", str(len(edit_set)), "—" if o.get("seconds") is None else f"{o['seconds']:.1f}",
+             "—", "—"]]
+    _print_table(f"re-edit cost: {len(doc['decayed'])} of {doc['n_facts']} edits decayed "
+                 f"(ES {doc['finetuned']['es']:.2f} after fine-tuning)",
+                 ["pass", "facts edited", "seconds", "success on decayed", "success on all"], rows,
+                 f"wrote {out / 'reedit.json'}")

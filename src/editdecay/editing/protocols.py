@@ -166,3 +166,45 @@ def run_batch(editor, model, tokenizer, facts: list[FactRecord], *, batch_size: 
     layers = sorted({b for r in results for b in r.edited_layers(model)})
     outcomes = [FactOutcome(f.case_id, a, b, seconds, layers, 1) for f, a, b in zip(facts, pre, post)]
     return ProtocolResult(editor.name, "batch" if batch_size is None else "sequential", outcomes, mode, results)
+
+
+def _rates(scores: list[FactScore]) -> dict:
+    n = len(scores)
+    return {"n": n, "es": sum(s.es for s in scores) / n if n else float("nan"),
+            "success": sum(s.success for s in scores) / n if n else float("nan"),
+            "retention_new": sum(s.retained_new for s in scores) / n if n else float("nan")}
+
+
+def reedit(editor, model, tokenizer, facts: list[FactRecord], *, batch_size: int | None = None, mode: str = "greedy",
+           scratch: bool = True) -> tuple[dict, list[EditResult]]:
+    """Re-apply the decayed edits of a fine-tuned edited model (seed 001's re-edit cost).
+
+    The decayed facts are those of ``facts`` (the original edit set) whose edit no longer
+    succeeds on ``model``. With ``scratch``, every fact of the set is first edited again
+    from scratch on the fine-tuned model (timed, scored, undone) — the alternative a
+    user without the decay measurement has. Then the decayed facts alone are re-edited
+    and left applied. Returns ``(report, results still applied)``; report keys:
+    ``n_facts``, ``finetuned`` and, per pass, ``{"n", "seconds", "seconds_per_fact",
+    "decayed" (rates over the decayed facts), "all" (rates over every fact)}`` under
+    ``reedit`` and ``scratch`` (None without), plus ``decayed`` (case ids)."""
+    prober = Prober(model, tokenizer, progress=False)
+    before = score_facts(model, tokenizer, facts, mode=mode, prober=prober).facts
+    decayed = [f for f, s in zip(facts, before) if not s.success]
+    ids = {f.case_id for f in decayed}
+
+    def run(batch: list[FactRecord]) -> tuple[dict, ProtocolResult | None]:
+        if not batch:
+            return {"n": 0, "seconds": 0.0, "seconds_per_fact": None, "decayed": _rates([]), "all": _rates(before)}, None
+        res = run_batch(editor, model, tokenizer, batch, batch_size=batch_size, mode=mode)
+        seconds = sum(r.seconds for r in res.results)
+        after = score_facts(model, tokenizer, facts, mode=mode, prober=prober).facts
+        return {"n": len(batch), "seconds": seconds, "seconds_per_fact": seconds / len(batch),
+                "decayed": _rates([s for f, s in zip(facts, after) if f.case_id in ids]), "all": _rates(after)}, res
+
+    doc: dict = {"n_facts": len(facts), "finetuned": _rates(before), "decayed": sorted(ids), "scratch": None}
+    if scratch:
+        doc["scratch"], res = run(list(facts))
+        if res is not None:
+            res.restore(model)
+    doc["reedit"], res = run(decayed)
+    return doc, (res.results if res is not None else [])

@@ -76,6 +76,9 @@ class FactScore:
     success: bool
     """Binary edit success on the rewrite prompt: CounterFact P(new) > P(true) (or
     retention_new without a true target); zsRE every target_new token is the argmax."""
+    margin: float | None = None
+    """Edit strength on the rewrite prompt: log P(new) − log P(true) (per-token mean
+    log-probabilities, or sums with ``prob="joint"``); None without a true target."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,6 +179,7 @@ def score_facts(
     out = []
     for f, d, s, pt, pn in zip(facts, decided, slots, probes_true, probes_new):
         g = d.first_non_stop
+        margin = p(s["es_new"][0]) - p(s["es_true"][0]) if "es_true" in s else None
         if f.metric == "zsre":
             es = scores[s["es_new"][0]].token_accuracy
             ps = _avg([scores[i].token_accuracy for i in s["ps_new"]])
@@ -195,7 +199,7 @@ def score_facts(
             capped=g.capped,
             retained_true=None if f.target_true is None else (g.id is not None and g.id == pt),
             retained_new=g.id is not None and g.id == pn,
-            es=es, ps=ps, ns=ns, success=success,
+            es=es, ps=ps, ns=ns, success=success, margin=margin,
         ))
     return FactScores(mode=mode, prob=prob, facts=out)
 

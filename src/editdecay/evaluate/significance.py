@@ -118,6 +118,29 @@ def rate_ci(
     return bootstrap_ci(successes, np.mean, n_boot=n_boot, level=level, seed=seed)
 
 
+def interval_halfwidth(n: int, p: float = 0.5, level: float = 0.95) -> float:
+    """Expected half-width of the ``level`` interval of a rate over ``n`` independent
+    facts: z·sqrt(p(1−p)/n) (the bootstrap interval of a mean of 0/1 outcomes is close
+    to it); ``p`` = 0.5 gives the widest. ``n`` = 0 gives inf."""
+    from scipy import stats
+
+    if n < 0 or not 0 <= p <= 1:
+        raise SignificanceInputError(f"interval width needs n >= 0 and 0 <= p <= 1, got n={n}, p={p}")
+    if n == 0:
+        return math.inf
+    return float(stats.norm.ppf(0.5 + level / 2)) * math.sqrt(p * (1 - p) / n)
+
+
+def n_for_halfwidth(halfwidth: float, p: float = 0.5, level: float = 0.95) -> int:
+    """Facts needed for a ``level`` interval of at most ±``halfwidth`` on a rate near ``p``."""
+    from scipy import stats
+
+    if not 0 < halfwidth < 1:
+        raise SignificanceInputError(f"half-width must lie in (0, 1), got {halfwidth}")
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    return max(1, math.ceil(z * z * p * (1 - p) / halfwidth**2))
+
+
 def paired_ttest(a: Sequence[float | None], b: Sequence[float | None]) -> TestResult:
     """Two-sided paired t-test of ``a`` vs ``b`` (seed 001 App. J: ES before vs after
     fine-tuning, paired by configuration). Pairs with an undefined side are dropped;

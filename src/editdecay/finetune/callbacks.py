@@ -4,7 +4,10 @@
 prompts: retention of the edited facts (``target_new``) and of the intrinsic facts
 (``target_true``), whether edited facts fell back to their true object, the top-k raw
 next tokens of edit prompts (seed 000 Table 1) and the token-category masses at the
-first non-stop position (seed 000 Fig. 4), plus per-fact outcomes for transitions.
+first non-stop position (seed 000 Fig. 4), plus per-fact outcomes for transitions;
+with ``scores`` also each edited fact's ES/PS/NS, success and margin
+(:func:`~editdecay.evaluate.metrics.score_facts`: a fine-tuning budget axis reports them
+at every budget point).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class FactProbe:
         top_k: int = 3,
         n_top_facts: int = 10,
         batch_size: int = 32,
+        scores: bool = False,
+        prob: str = "mean",
     ) -> None:
         self.model = model
         self.edit = list(edit_facts)
@@ -47,6 +52,8 @@ class FactProbe:
         self.mode = mode
         self.top_k = top_k
         self.n_top = n_top_facts
+        self.scores, self.prob = scores, prob
+        self.calls = 0
         self.prober = Prober(model, tokenizer, batch_size=batch_size, progress=False)
         pool = list(pool) if pool is not None else self.edit + self.intrinsic
         mask = self.prober.stop_mask
@@ -57,6 +64,7 @@ class FactProbe:
         facts = self.edit + self.intrinsic
         if not facts:
             return {}
+        self.calls += 1
         mask = self.prober.stop_mask
 
         def masses(i, probs):
@@ -81,7 +89,14 @@ class FactProbe:
                      "tokens": [[t.token, round(t.prob, 6)] for t in r.top]}
                     for f, r in zip(self.edit[: self.n_top], res[: self.n_top])],
             "per_fact": {"edit": new_ok, "intrinsic": true_ok},
+            **({"scores": self._scores()} if self.scores and self.edit else {}),
         }
+
+    def _scores(self) -> list[dict[str, Any]]:
+        from ..evaluate.metrics import score_facts
+
+        sc = score_facts(self.model, self.prober.tokenizer, self.edit, mode=self.mode, prob=self.prob, prober=self.prober)
+        return [{"es": f.es, "ps": f.ps, "ns": f.ns, "success": f.success, "margin": f.margin} for f in sc.facts]
 
 
 def _mean(xs: list[bool]) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -22,7 +22,7 @@ from ..models.arch import get_arch
 from .methods import prepare_model
 from .preserve import PreserveConfig, make_preserver
 from .presets import FinetunePreset
-from .trainer import TrainLog, train
+from .trainer import TrainConfig, TrainLog, train
 
 
 @dataclass
@@ -51,6 +51,19 @@ class FinetuneResult:
                 **({"preserve": self.preserve} if self.preserve is not None else {})}
 
 
+BUDGET_UNITS = ("steps", "tokens")
+
+
+def budget_config(cfg: TrainConfig, budget: Sequence[int], unit: str = "steps") -> TrainConfig:
+    """``cfg`` probing at every point of ``budget`` and ending at its largest."""
+    if unit not in BUDGET_UNITS:
+        raise EditdecayError(f"unknown budget unit {unit!r}: use one of {', '.join(BUDGET_UNITS)}")
+    points = tuple(int(b) for b in budget)
+    if unit == "steps":
+        return replace(cfg, max_steps=max(points), eval_at=points)
+    return replace(cfg, max_steps=10**9, eval_at_tokens=points)  # the token budget ends the run
+
+
 def finetune(
     model: nn.Module,
     tokenizer,
@@ -65,6 +78,8 @@ def finetune(
     progress: bool = True,
     preserve: PreserveConfig | None = None,
     edit_facts: Sequence[FactRecord] = (),
+    budget: Sequence[int] = (),
+    budget_unit: str = "steps",
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place on ``task`` (see :mod:`editdecay.finetune.tasks`).
 
@@ -73,8 +88,15 @@ def finetune(
     without either the starting model's is used. ``probe`` runs at every evaluation
     (e.g. a :class:`~editdecay.finetune.callbacks.FactProbe`). ``preserve`` keeps the
     edits of ``edit_facts`` in the ``edited`` blocks (:mod:`editdecay.finetune.preserve`).
+
+    ``budget``: a fine-tuning budget axis probed in this one run — ``probe`` and the
+    validation metrics run after each of these optimiser steps (``budget_unit`` "steps")
+    or once each count of training tokens is reached ("tokens"); training ends at the
+    largest point, and the preset's periodic evaluations and stopping rules still apply.
     """
     cfg = preset.train_config(len(task.train))
+    if budget:
+        cfg = budget_config(cfg, budget, budget_unit)
     base_metrics = dict(base_metrics or {})
     if not base_metrics and (any(r.relative_to_base for r in cfg.rules) or base_model is not None):
         ref = base_model if base_model is not None else model

@@ -76,10 +76,16 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "Seed for dropout and data order."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast for forward/backward; weights and optimiser state stay fp32 (master weights). GPU only in practice: bf16 matmul on CPU is very slow."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute block activations in the backward pass (less memory, ~30% more time)."})
+    eval_at: tuple[int, ...] = field(default=(), metadata={"help": "Also evaluate (and probe) after these optimiser steps: a fine-tuning budget probed in one run."})
+    eval_at_tokens: tuple[int, ...] = field(default=(), metadata={"help": "Also evaluate at the first step whose training tokens reach each of these counts; training stops at the first evaluation past the largest ('budget')."})
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.eval_every < 1 or self.grad_accum < 1:
             raise EditdecayError("max_steps, eval_every and grad_accum must be >= 1")
+        if any(int(b) < 1 for b in (*self.eval_at, *self.eval_at_tokens)):
+            raise EditdecayError("budget points (eval_at, eval_at_tokens) must be >= 1")
+        self.eval_at = tuple(sorted({int(b) for b in self.eval_at}))
+        self.eval_at_tokens = tuple(sorted({int(b) for b in self.eval_at_tokens}))
         self.rules = [StopRule.parse(s) for s in self.stop]
 
 
@@ -92,13 +98,15 @@ class TrainLog:
     probes: list[dict[str, Any]] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    tokens_at: dict[int, int] = field(default_factory=dict)
+    """Training tokens seen at each evaluation's step."""
     eval_seconds: float = 0.0
     """Part of ``seconds`` spent in evaluation and probes."""
     tokens: int = 0
 
     def to_json(self) -> dict:
         return {"steps": self.steps, "stop_reason": self.stop_reason, "trainable": self.trainable,
-                "val": self.val, "probes": self.probes}
+                "val": self.val, "probes": self.probes, "tokens_at": self.tokens_at}
 
 
 def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -153,6 +161,7 @@ def train(
         with torch.no_grad():
             metrics = {k: float(v) for k, v in evaluate(model).items()}
         tlog.val.append({"step": step, **metrics})
+        tlog.tokens_at[step] = tlog.tokens
         for probe in probes:
             tlog.probes.append({"step": step, **probe(model, step)})
         model.train(was)
@@ -166,8 +175,10 @@ def train(
         torch.manual_seed(cfg.seed)
         stopped = evaluate_at(0)
         model.train()
-        bar = tqdm(total=cfg.max_steps, desc="fine-tune", unit="step", disable=not progress, leave=False)
+        bar = tqdm(total=None if cfg.eval_at_tokens else cfg.max_steps, desc="fine-tune", unit="step",
+                   disable=not progress, leave=False)
         step = 0
+        token_points = list(cfg.eval_at_tokens)
         while not stopped and step < cfg.max_steps:
             opt.zero_grad(set_to_none=True)
             total = 0.0
@@ -188,8 +199,14 @@ def train(
             step += 1
             tlog.train_loss.append(total)
             bar.update(1)
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            reached = False
+            while token_points and tlog.tokens >= token_points[0]:
+                token_points.pop(0)
+                reached = True
+            if step % cfg.eval_every == 0 or step == cfg.max_steps or step in cfg.eval_at or reached:
                 stopped = evaluate_at(step)
+                if reached and not token_points and not stopped:
+                    tlog.stop_reason, stopped = "budget", True
         bar.close()
         model.eval()
     if cfg.gradient_checkpointing:

@@ -118,6 +118,11 @@ class TrialInfo:
         return (self.config.get("finetune") or {}).get("policy")
 
     @property
+    def preserve(self) -> str:
+        """The edit-preserving method of the fine-tuning (``none``: plain)."""
+        return str(((self.config.get("finetune") or {}).get("preserve") or {}).get("method") or NONE)
+
+    @property
     def seed(self) -> int:
         return int(self.config.get("seed") or 0)
 
@@ -221,6 +226,8 @@ def trial_label(t: TrialInfo, vary: set[str]) -> str:
             ft += f"/{t.policy}"
         if "task" in vary:
             ft += f" on {t.task}"
+        if t.preserve != NONE:
+            ft += f" +{t.preserve}"
         parts.append(ft)
     else:
         parts.append("no FT")

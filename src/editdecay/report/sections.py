@@ -1161,10 +1161,18 @@ def reproduction(d: StudyData) -> Section:
 
 
 # --- all sections -------------------------------------------------------------------------------
+from .findings import budget_section, findings_section  # noqa: E402 - they build on this module's objects
+from .preserve import preserve_section  # noqa: E402
+from .reedit import reedit_section  # noqa: E402
+
 SECTIONS: tuple[tuple[str, Callable[[StudyData], Section]], ...] = (
     ("overview", overview),
     ("summary", headline),
+    ("findings", findings_section),
     ("retention_curves", retention_curves),
+    ("budget_curves", budget_section),
+    ("preserve", preserve_section),
+    ("reedit", reedit_section),
     ("s000_fig2", s000_fig2),
     ("s000_fig3a", s000_fig3a),
     ("s000_fig3b", s000_fig3b),

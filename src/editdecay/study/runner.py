@@ -267,10 +267,20 @@ class Worker:
             if ft.get("layers_from"):
                 lf = ft["layers_from"]
                 layers = list(lf.get("layers") or get_editor(lf["editor"], preset=lf.get("preset"), model=model).hparams.layers)
+            budget = ft.get("budget") or {}
             probe = FactProbe(model, tok, sets.edit, intrinsic_all, pool=intrinsic_all + sets.edit,
-                              mode=probe_cfg.get("mode", "greedy"), top_k=probe_cfg.get("top_k", 3))
+                              mode=probe_cfg.get("mode", "greedy"), top_k=probe_cfg.get("top_k", 3),
+                              scores=bool(budget), prob=probe_cfg.get("prob", "mean"))
+            preserve = None
+            if ft.get("preserve"):
+                from ..finetune.preserve import PreserveConfig
+
+                preserve = PreserveConfig(**ft["preserve"])
             result = finetune(model, tok, task, preset, policy=ft["policy"], edited=layers, probe=probe,
-                              base_metrics=base, progress=self.progress)
+                              base_metrics=base, progress=self.progress, budget=budget.get("at", ()),
+                              budget_unit=budget.get("unit", "steps"), preserve=preserve, edit_facts=sets.edit)
+            if budget:
+                info["budget"] = {**budget, "evaluations": probe.calls, "tokens_at": result.log.tokens_at}
             rows.training(result, sets)
             info.update(stop_reason=result.log.stop_reason, steps=result.log.steps, blocks=result.blocks,
                         n_trainable=len(result.log.trainable))
@@ -286,10 +296,35 @@ class Worker:
             from ..evaluate.activations import drift_from_states
 
             rows.drift(drift_from_states(drift_states, position=drift_cfg.get("position", "last")), len(drift_prompts))
+        rd = cfg["evaluate"].get("reedit")
+        if rd and edit and result is not None:
+            lm = result.model.merge_and_unload() if hasattr(result.model, "merge_and_unload") else final_model
+            result = None  # the adapters are merged: the weights are restored by run_unit
+            info["reedit"] = _reedit(lm, tok, sets.edit, edit, rd, overrides, probe_cfg.get("mode", "greedy"))
+            rows.metric("reedit_seconds", info["reedit"]["reedit"]["seconds"], stage="reedited")
+            if info["reedit"]["scratch"] is not None:
+                rows.metric("scratch_seconds", info["reedit"]["scratch"]["seconds"], stage="reedited")
         if result is not None and hasattr(result.model, "unload"):
             result.model.unload()  # take the adapters out: the worker's model is plain again
         rows.metric("seconds", time.perf_counter() - t0)
         return rows.finish(info)
+
+
+def _reedit(model, tok, facts: list[FactRecord], edit: dict[str, Any], rd: dict[str, Any], overrides: dict[str, Any],
+            mode: str) -> dict[str, Any]:
+    """The re-edit stage: the decayed edits re-applied to the fine-tuned model (the same
+    editor and settings unless ``rd["editor"]`` names another), against editing every
+    fact from scratch (:func:`~editdecay.editing.protocols.reedit`)."""
+    from ..editing import get_editor
+    from ..editing.protocols import reedit
+
+    name = rd.get("editor") or edit["editor"]
+    same = name == edit["editor"]
+    editor = get_editor(name, preset=edit.get("preset") if same else None, overrides=overrides if same else {},
+                        model=model)
+    doc, _ = reedit(editor, model, tok, facts, batch_size=edit.get("batch_size"), mode=mode,
+                    scratch=rd.get("scratch", True))
+    return {"editor": name, **doc}
 
 
 def _apply_edit(editor, model, tok, facts: list[FactRecord], edit: dict[str, Any], mode: str) -> tuple[list[int], list[str]]:
@@ -368,6 +403,8 @@ class _Rows:
                     self.facts.append(FactRow(f.case_id, "edit", stage, metric, getattr(f, metric), None, self.sets.dataset))
                 self.facts.append(FactRow(f.case_id, "edit", stage, "success", float(f.success), f.first_non_stop, self.sets.dataset))
                 self.facts.append(FactRow(f.case_id, "edit", stage, "retained", float(f.retained_new), f.first_non_stop, self.sets.dataset))
+                if f.margin is not None:
+                    self.facts.append(FactRow(f.case_id, "edit", stage, "margin", f.margin, None, self.sets.dataset))
                 if f.retained_true is not None:
                     self.facts.append(FactRow(f.case_id, "edit", stage, "retained_true", float(f.retained_true), None, self.sets.dataset))
             for k, v in sc.summary().items():
@@ -392,8 +429,15 @@ class _Rows:
                     self.curves.append(CurvePoint(f"val_{k}", v["step"], x))
         intrinsic = [f for fs in sets.intrinsic.values() for f in fs]
         datasets = [ds for ds, fs in sets.intrinsic.items() for _ in fs]
+        for step, tokens in log.tokens_at.items():
+            self.curves.append(CurvePoint("tokens", step, float(tokens)))
         for p in log.probes:
             step = p["step"]
+            for f, sc in zip(sets.edit, p.get("scores", [])):
+                for metric in ("es", "ps", "ns", "success", "margin"):
+                    if sc[metric] is not None:
+                        self.facts.append(FactRow(f.case_id, "edit", f"step:{step}", metric, float(sc[metric]), None,
+                                                  sets.dataset))
             for key in ("retention_new", "retention_true", "edit_reverted"):
                 if key in p:
                     self.curves.append(CurvePoint(key, step, p[key]))

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 #: Version of the trial-config layout; part of every config (and so of every key).
 CONFIG_VERSION = 1
 #: Axes in grid order (the product varies the last axis fastest).
-AXES = ("model", "dataset", "editor", "edit_layers", "n_edits", "protocol", "task", "ft_method", "layer_policy", "seed")
+AXES = ("model", "dataset", "editor", "edit_layers", "n_edits", "protocol", "task", "ft_method", "layer_policy", "seed",
+        "preserve")
 #: Fine-tuning tasks.
 TASKS = ("unstructured", "structured", "classification", "sft", "commonsense", "hotpotqa")
 NONE = "none"
@@ -55,17 +56,21 @@ DOWNSTREAM_OPTIONS = ("num_beams", "max_new_tokens", "prompt_style", "response_p
 DRIFT_PROMPTS = ("edit", "intrinsic", "both")
 #: Trial kinds in plan order (baselines first).
 KINDS = ("base", "zero-edit", "edit-only", "edit+ft")
+#: The PreserveConfig fields each preserve method reads.
+PRESERVE_FIELDS = {"anchor": ("mu",), "replay": ("rho", "replay_batch")}
 _KEYS = {
     "top": ("name", "description", "axes", "exclude", "datasets", "selection", "editors", "finetune", "overrides",
-            "probes", "downstream", "drift", "resources"),
+            "probes", "downstream", "drift", "resources", "reedit"),
     "dataset": ("path", "format", "zsre_preset"),
     "selection": ("n_edit", "n_intrinsic", "margin", "mode", "seed", "filter"),
     "editor": ("preset", "hparams"),
-    "finetune": ("preset", "overrides", "stop", "per_task", "per_method", "layers_from", "data", "hygiene"),
+    "finetune": ("preset", "overrides", "stop", "per_task", "per_method", "layers_from", "data", "hygiene",
+                 "budget", "preserve"),
     "rule": ("when", "editors", "finetune"),
     "probes": ("every", "every_epochs", "mode", "prob", "token_categories", "top_k"),
     "downstream": ("tasks", "mode", "limit", "stages", "data_dir", "batch_size", *DOWNSTREAM_OPTIONS),
     "drift": ("prompts", "position", "limit", "batch_size"),
+    "reedit": ("editor", "scratch"),
     "resources": ("cpus", "gpus", "memory_gb"),
 }
 
@@ -332,6 +337,10 @@ def _axis_value(axis: str, v: Any, at: _At, datasets: Sequence[str]) -> Any:
         return _parse_policy(v, at)
     if axis == "seed":
         return _int(v, at, 0)
+    if axis == "preserve":
+        from ..finetune.preserve import PRESERVE_METHODS
+
+        return _choice(v, at, PRESERVE_METHODS)
     raise AssertionError(axis)
 
 
@@ -383,7 +392,10 @@ class FinetuneSettings:
     names the editor whose blocks ``edited``/``non-edited`` mean on the zero-edit
     baseline; ``data`` maps a task to its training data (None: the task's default);
     ``hygiene`` drops training documents that mention the unit's edited facts (seed 000
-    §4.1: per fact under protocol ``single``)."""
+    §4.1: per fact under protocol ``single``); ``budget`` is a fine-tuning budget axis
+    probed in one run per trial: ``[steps, ...]`` or ``{tokens: [...]}`` — facts (with
+    ES/PS/NS and margin) are probed at every point, training ends at the largest, and
+    the preset's stopping rules are off (a curve needs every point)."""
 
     preset: str = "cpu-{task}"
     overrides: Mapping[str, Any] = field(default_factory=dict)
@@ -393,6 +405,10 @@ class FinetuneSettings:
     layers_from: str | None = None
     data: Mapping[str, str | None] = field(default_factory=dict)
     hygiene: bool = False
+    budget: tuple[str, tuple[int, ...]] | None = None
+    """(unit, points): "steps" or "tokens", ascending."""
+    preserve: Mapping[str, Any] = field(default_factory=dict)
+    """Settings of the ``preserve`` axis's methods (PreserveConfig fields: mu, rho, replay_batch)."""
 
 
 @dataclass(frozen=True)
@@ -543,6 +559,8 @@ class StudySpec:
     probes: ProbeSettings = field(default_factory=ProbeSettings)
     downstream: DownstreamSettings | None = None
     drift: DriftSettings | None = None
+    reedit: Mapping[str, Any] | None = None
+    """Re-edit stage after fine-tuning: ``{"editor": name | None (the trial's), "scratch": bool}``."""
     resources: Resources = field(default_factory=Resources)
     description: str = ""
     source: str = "spec"
@@ -591,6 +609,7 @@ class StudySpec:
             probes=_parse_probes(d.get("probes"), at / "probes"),
             downstream=_parse_downstream(d.get("downstream"), at / "downstream"),
             drift=_parse_drift(d.get("drift"), at / "drift"),
+            reedit=_parse_reedit(d.get("reedit"), at / "reedit"),
             resources=_parse_resources(d.get("resources"), at / "resources"),
             description=description,
             source=where,
@@ -649,7 +668,7 @@ def _parse_axes(v: Any, at: _At, datasets: Sequence[str]) -> dict[str, tuple[Any
     raw = _mapping(v, at, AXES)
     defaults = {"model": DEFAULT_MODEL, "dataset": BUILTIN_DATASET, "editor": NONE, "edit_layers": "default",
                 "n_edits": 0, "protocol": "batch", "task": "unstructured", "ft_method": NONE, "layer_policy": "all",
-                "seed": 0}
+                "seed": 0, "preserve": NONE}
     axes: dict[str, tuple[Any, ...]] = {}
     for axis in AXES:
         vals = _as_list(raw.get(axis, defaults[axis]), at / axis) if axis in raw else [defaults[axis]]
@@ -779,7 +798,37 @@ def _parse_finetune(v: Any, at: _At) -> FinetuneSettings:
         layers_from=lf,
         data=data,
         hygiene=_bool(d.get("hygiene", False), at / "hygiene"),
+        budget=_parse_budget(d.get("budget"), at / "budget"),
+        preserve=_parse_preserve(d.get("preserve"), at / "preserve"),
     )
+
+
+def _parse_preserve(v: Any, at: _At) -> dict[str, Any]:
+    from ..finetune.preserve import PreserveConfig
+
+    d = _mapping(v, at)
+    vals = _coerce_fields(PreserveConfig, d, at, forbidden=("method",))
+    _build(PreserveConfig, {**vals, "method": "anchor"}, at)
+    return vals
+
+
+def _parse_budget(v: Any, at: _At) -> tuple[str, tuple[int, ...]] | None:
+    """``[s1, s2, ...]`` (optimiser steps) or ``{steps: [...]}`` / ``{tokens: [...]}``."""
+    if v is None:
+        return None
+    unit = "steps"
+    if isinstance(v, dict):
+        d = _mapping(v, at, ("steps", "tokens"))
+        if len(d) != 1:
+            at.fail("give one of steps: [...] or tokens: [...]")
+        ((unit, v),) = d.items()
+        at = at / unit
+    points = [_int(x, at[i], minimum=1) for i, x in enumerate(_as_list(v, at))]
+    if not points:
+        at.fail("a budget needs at least one point")
+    if len(set(points)) != len(points):
+        at.fail(f"budget points repeat: {points}")
+    return unit, tuple(sorted(points))
 
 
 def _parse_rule(v: Any, at: _At, datasets: Sequence[str]) -> OverrideRule:
@@ -862,6 +911,18 @@ def _parse_drift(v: Any, at: _At) -> DriftSettings | None:
         limit=_opt(d.get("limit"), _int, at / "limit", 1),
         batch_size=_int(d.get("batch_size", 16), at / "batch_size", 1),
     )
+
+
+def _parse_reedit(v: Any, at: _At) -> dict[str, Any] | None:
+    """``reedit: {editor: null, scratch: true}`` (``true`` for the defaults): after
+    fine-tuning, re-apply the decayed edits (and time editing every fact from scratch)."""
+    if v is None or v is False:
+        return None
+    d = {} if v is True else _mapping(v, at, _KEYS["reedit"])
+    editor = d.get("editor")
+    if editor is not None:
+        editor = _choice(editor, at / "editor", [n for n in _editor_names() if n != NONE])
+    return {"editor": editor, "scratch": _bool(d.get("scratch", True), at / "scratch")}
 
 
 def _parse_resources(v: Any, at: _At) -> Resources:
@@ -955,6 +1016,13 @@ def _finetune_config(spec: StudySpec, point: Mapping[str, Any], at: _At, pr: _Pr
         params["eval_every"], params["eval_every_epochs"] = None, spec.probes.every_epochs
     if "seed" not in values:
         params["seed"] = stage_seed(point["seed"], "finetune")
+    if fs.budget:  # one run to the largest point, probed at every point, no early stop
+        unit, points = fs.budget
+        params["stop"] = []
+        if unit == "steps":
+            params["max_steps"], params["epochs"] = max(points), None
+        if spec.probes.every is None and spec.probes.every_epochs is None:
+            params["eval_every"], params["eval_every_epochs"] = (max(points) if unit == "steps" else 10**9), None
     pre = _build(FinetunePreset, _coerce_fields(FinetunePreset, params, at / "finetune"), at / "finetune",
                  f" (preset {name}, task {task}, method {method})")
     resolved = json.loads(canonical_json(pre.to_dict()))
@@ -962,6 +1030,9 @@ def _finetune_config(spec: StudySpec, point: Mapping[str, Any], at: _At, pr: _Pr
            "params": resolved, "data": fs.data.get(task)}
     if fs.hygiene:  # only when on, so that existing trial keys stay as they were
         out["hygiene"] = True
+    if fs.budget:  # likewise
+        unit, points = fs.budget
+        out["budget"] = {"unit": unit, "at": list(points)}
     return out
 
 
@@ -987,9 +1058,19 @@ def _point_config(spec: StudySpec, point: Mapping[str, Any], at: _At, pr: _Prese
                 "n_edits": point["n_edits"]}
     ft = None
     if no_ft:
-        axes.update(task=None, layer_policy=None)
+        axes.update(task=None, layer_policy=None, preserve=None)
     else:
         ft = _finetune_config(spec, point, at, pr)
+        method = point["preserve"]
+        if zero or method == NONE:  # nothing to preserve: the trial is plain fine-tuning
+            axes["preserve"] = NONE if not zero else None
+        else:
+            if method == "freeze-edited" and point["layer_policy"] != "all":
+                (at / "axes" / "preserve").fail(
+                    f"'freeze-edited' is the layer policy non-edited: it cannot combine with layer_policy "
+                    f"{point['layer_policy']!r} (exclude {{preserve: freeze-edited, layer_policy: {point['layer_policy']}}})")
+            own = PRESERVE_FIELDS.get(method, ())  # only the method's own settings enter its key
+            ft["preserve"] = {"method": method, **{k: v for k, v in sorted(spec.finetune.preserve.items()) if k in own}}
         if zero and point["layer_policy"] in ("edited", "non-edited"):
             lf = spec.finetune.layers_from
             if lf is None:
@@ -1016,6 +1097,8 @@ def _point_config(spec: StudySpec, point: Mapping[str, Any], at: _At, pr: _Prese
     dr = spec.drift
     evaluate["drift"] = ({"prompts": dr.prompts, "position": dr.position, "limit": dr.limit}
                          if dr is not None and (edit or ft) else None)
+    if spec.reedit is not None and edit and ft:  # only when set, so that existing trial keys stay as they were
+        evaluate["reedit"] = dict(spec.reedit)
     config = {"version": CONFIG_VERSION, "model": point["model"], "seed": point["seed"], "data": data,
               "edit": edit, "finetune": ft, "evaluate": evaluate}
     return json.loads(canonical_json(config)), axes
@@ -1084,6 +1167,21 @@ def _ft_steps(params: Mapping[str, Any], cm: CostModel) -> tuple[int, int]:
     return int(steps), int(steps) // int(every) + 1
 
 
+def _budget_steps(ft: Mapping[str, Any], cm: CostModel) -> tuple[int, int] | None:
+    """(steps, evaluations) of a fine-tuning budget axis (tokens: at the task's tokens per step)."""
+    b = ft.get("budget")
+    if not b:
+        return None
+    p = ft["params"]
+    if b["unit"] == "steps":
+        steps = max(b["at"])
+    else:
+        per_step = (p.get("batch_size") or 1) * (p.get("block_size") or p.get("cutoff") or 128)
+        steps = math.ceil(max(b["at"]) / per_step)
+    every = p.get("eval_every") or steps
+    return steps, len(b["at"]) + 1 + (steps // every if every < steps else 0)
+
+
 def estimate_cost(trials: Iterable[Trial], cost_model: CostModel | None = None) -> dict[str, Any]:
     """Counts and rough CPU seconds of running ``trials``.
 
@@ -1129,7 +1227,7 @@ def estimate_cost(trials: Iterable[Trial], cost_model: CostModel | None = None) 
                 n_probe = units * (1 + sel["n_intrinsic"] * n_sets)
         probes = n_probe * stages
         if ft is not None:
-            steps, evals = _ft_steps(ft["params"], cm)
+            steps, evals = _budget_steps(ft, cm) or _ft_steps(ft["params"], cm)
             c["finetune_runs"] += units
             c["finetune_steps"] += units * steps
             secs["finetune"] += units * steps * cm.ft_step_s.get(ft["method"], max(cm.ft_step_s.values()))
@@ -1201,13 +1299,35 @@ def format_plan(spec: StudySpec, trials: Sequence[Trial], cost: Mapping[str, Any
         + f"; total {_hms(cs['total'])} ({cost['assumptions']})",
         f"resources per unit: {spec.resources.cpus:g} CPU, {spec.resources.gpus:g} GPU"
         + (f", {spec.resources.memory_gb:g} GB" if spec.resources.memory_gb else ""),
+        *precision_lines(trials),
     ]
     return "\n".join(lines)
+
+
+def precision_lines(trials: Sequence[Trial]) -> list[str]:
+    """The expected 95% interval of each rate the trials report, from its n (worst case
+    p = 0.5), and the n that ±0.10 needs."""
+    from ..evaluate.significance import interval_halfwidth, n_for_halfwidth
+
+    ns: dict[str, set[int]] = {"edited (ES, PS, NS, retention, EFR)": set(), "intrinsic retention": set()}
+    for t in trials:
+        sel = t.config["data"]["selection"]
+        if t.n_edits:
+            ns["edited (ES, PS, NS, retention, EFR)"].add(t.n_edits)
+        if sel.get("n_intrinsic"):
+            ns["intrinsic retention"].add(int(sel["n_intrinsic"]))
+    out = []
+    for rate, values in ns.items():
+        for n in sorted(values):
+            w = interval_halfwidth(n)
+            flag = "" if w <= 0.10 else f"  (wider than ±0.10: n >= {n_for_halfwidth(0.10)} gives ±0.10)"
+            out.append(f"  {rate}: n={n} per trial -> 95% interval about ±{w:.3f}{flag}")
+    return ["precision (95% interval half-width of a rate, worst case p=0.5):", *out] if out else []
 
 
 __all__ = [
     "AXES", "CONFIG_VERSION", "KINDS", "TASKS", "CostModel", "DatasetSource", "DownstreamSettings", "DriftSettings",
     "EditorSettings", "FinetuneSettings", "OverrideRule", "ProbeSettings", "Resources", "SelectionSettings",
     "SpecError", "StudySpec", "Trial", "Unit", "canonical_json", "config_hash", "estimate_cost", "expand",
-    "format_plan", "layers_label", "stage_seed",
+    "format_plan", "layers_label", "precision_lines", "stage_seed",
 ]

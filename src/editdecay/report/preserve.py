@@ -1,0 +1,83 @@
+"""Edit-preserving fine-tuning against plain fine-tuning (the study axis ``preserve``).
+
+For each group of edit+ft trials equal on every axis but ``preserve``, one row per
+method: edited retention after fine-tuning (with its gain over plain fine-tuning, paired
+over the same facts, McNemar p), intrinsic retention, the task's final validation loss
+(the downstream metric of a fine-tuning run, with its change relative to plain) and the
+seconds per optimiser step.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..evaluate.significance import mcnemar
+from .data import NAN_INTERVAL, StudyData, TrialInfo, defined, fmt, fmt_p, paired_ci
+
+
+def _key(t: TrialInfo) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in t.axes.items() if k != "preserve"))
+
+
+def final_val(d: StudyData, t: TrialInfo, name: str = "val_loss") -> float:
+    """The task metric at the last evaluation (mean over units)."""
+    c = d.curve(t.key, name)
+    if not c:
+        return math.nan
+    vals = c[max(c)]
+    return sum(vals) / len(vals)
+
+
+def seconds_per_step(d: StudyData, t: TrialInfo) -> float:
+    secs = [r["value"] for r in d.metric_rows(t.key, "finetune_seconds") if r["value"] is not None]
+    steps = [r["value"] for r in d.metric_rows(t.key, "steps") if r["value"] is not None]
+    return sum(secs) / sum(steps) if secs and steps and sum(steps) else math.nan
+
+
+def preserve_groups(d: StudyData) -> list[tuple[TrialInfo, list[TrialInfo]]]:
+    """(plain trial, [preserving trials]) for every group that has both."""
+    trials = d.of_kind("edit+ft")
+    plain = {_key(t): t for t in trials if t.preserve == "none"}
+    groups: dict[tuple, list[TrialInfo]] = {}
+    for t in trials:
+        if t.preserve != "none" and _key(t) in plain:
+            groups.setdefault(_key(t), []).append(t)
+    return [(plain[k], v) for k, v in groups.items()]
+
+
+def preserve_section(d: StudyData):
+    from .sections import Section, Table, _no_data
+
+    sid, title, src = "preserve", "Edit-preserving fine-tuning versus plain fine-tuning", "issue 17"
+    groups = preserve_groups(d)
+    if not groups:
+        return _no_data(sid, title, src, "needs the preserve axis (anchor, nullspace, replay, freeze-edited) "
+                        "beside preserve: none on otherwise equal edit+ft trials")
+    rows = []
+    for plain, others in groups:
+        base_loss = final_val(d, plain)
+        for t in [plain, *others]:
+            fp = d.facts(plain.key, "edit", "retained", "finetuned")
+            ft = d.facts(t.key, "edit", "retained", "finetuned")
+            ids = [i for i in ft if i in fp and ft[i] is not None and fp[i] is not None]
+            if t is plain or not ids:
+                gain, p = NAN_INTERVAL, None
+            else:
+                gain = paired_ci([ft[i] for i in ids], [fp[i] for i in ids], lambda u, v: u - v,
+                                 n_boot=d.n_boot, seed=d.seed)
+                p = mcnemar([fp[i] >= 0.5 for i in ids], [ft[i] >= 0.5 for i in ids]).p_value
+            loss = final_val(d, t)
+            rel = 100 * (loss - base_loss) / base_loss if base_loss and not math.isnan(loss) else math.nan
+            rows.append([plain.label if t is plain else f"  {t.preserve}", t.preserve,
+                         fmt(d.rate(t.key, "edit", "retained", "finetuned")),
+                         fmt(gain, n=False) + (f" (p={fmt_p(p)})" if defined(gain) else ""),
+                         fmt(d.intrinsic(t, "finetuned")),
+                         "—" if math.isnan(loss) else f"{loss:.3f}" + ("" if t is plain else f" ({rel:+.1f}%)"),
+                         "—" if math.isnan(seconds_per_step(d, t)) else f"{seconds_per_step(d, t):.2f}"])
+    sec = Section(sid, title, src, "Per group (the plain fine-tuning first): edited retention after fine-tuning, "
+                  "its gain over plain fine-tuning on the same facts (paired bootstrap interval, McNemar p), "
+                  "intrinsic retention, the final validation loss of the task with its change relative to plain "
+                  "fine-tuning, and seconds per optimiser step.")
+    sec.tables.append(Table(["trial", "preserve", "edited retention", "gain vs plain", "intrinsic retention",
+                             "val loss (vs plain)", "s/step"], rows))
+    return sec
