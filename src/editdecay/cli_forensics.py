@@ -116,9 +116,9 @@ def reedit(
     if fact_file is None:
         raise EditdecayError(f"{info_path}: which facts were edited is not recorded; pass --facts FILE")
     edit_set = load_facts(fact_file)
-    ids = edit_meta.get("case_ids") or ([edit_meta["case_id"]] if edit_meta.get("case_id") else None)
+    ids = set(edit_meta.get("case_ids") or ([edit_meta["case_id"]] if edit_meta.get("case_id") else []))
     if ids and not facts:
-        edit_set = [f for f in edit_set if f.case_id in set(ids)] or edit_set
+        edit_set = [f for f in edit_set if f.case_id in ids] or edit_set
     name = method or edit_meta.get("method")
     if not name:
         raise EditdecayError(f"{ident_path}: the editor is not recorded; pass --method")

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..facts.record import FactRecord
-from .probes import Prober
+from .probes import Prober, ProbeResult
 
 PROB_MODES = ("mean", "joint")
 
@@ -134,15 +134,20 @@ def score_facts(
     mode: str = "greedy",
     prob: str = "mean",
     prober: Prober | None = None,
+    decided: Sequence[ProbeResult] | None = None,
 ) -> FactScores:
     """Retention (true and new targets) and ES/PS/NS of every fact, batched: one probe
     pass over the rewrite prompts and one teacher-forced pass over all (prompt, target)
-    pairs."""
+    pairs. ``decided``: the probe results of the rewrite prompts in ``mode`` when the
+    caller has them already (that pass is then skipped)."""
     if prob not in PROB_MODES:
         raise ValueError(f"unknown probability mode {prob!r}: use one of {', '.join(PROB_MODES)}")
     prober = prober or Prober(model, tokenizer)
     texts = [f.text for f in facts]
-    decided = prober.probe(texts, k=0, mode=mode)
+    if decided is None:
+        decided = prober.probe(texts, k=0, mode=mode)
+    elif len(decided) != len(facts):
+        raise ValueError(f"decided has {len(decided)} probe results for {len(facts)} facts")
 
     pairs: list[tuple[list[int], list[int]]] = []
     slots: list[dict[str, list[int]]] = []  # per fact: name -> indices into pairs

@@ -89,13 +89,16 @@ class FactProbe:
                      "tokens": [[t.token, round(t.prob, 6)] for t in r.top]}
                     for f, r in zip(self.edit[: self.n_top], res[: self.n_top])],
             "per_fact": {"edit": new_ok, "intrinsic": true_ok},
-            **({"scores": self._scores()} if self.scores and self.edit else {}),
+            **({"scores": self._scores(res[:n_e])} if self.scores and self.edit else {}),
         }
 
-    def _scores(self) -> list[dict[str, Any]]:
+    def _scores(self, decided) -> list[dict[str, Any]]:
+        """ES/PS/NS, success and margin of the edited facts; their greedy decisions are this
+        probe's (no second pass over the rewrite prompts)."""
         from ..evaluate.metrics import score_facts
 
-        sc = score_facts(self.model, self.prober.tokenizer, self.edit, mode=self.mode, prob=self.prob, prober=self.prober)
+        sc = score_facts(self.model, self.prober.tokenizer, self.edit, mode=self.mode, prob=self.prob,
+                         prober=self.prober, decided=decided)
         return [{"es": f.es, "ps": f.ps, "ns": f.ns, "success": f.success, "margin": f.margin} for f in sc.facts]
 
 

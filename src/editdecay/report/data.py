@@ -196,6 +196,11 @@ def varying_axes(trials: Sequence[TrialInfo]) -> set[str]:
     return out
 
 
+def axes_but(t: TrialInfo, axis: str) -> tuple:
+    """The trial's axis values except ``axis`` (hashable): trials equal on it differ only in ``axis``."""
+    return tuple(sorted((k, repr(v)) for k, v in t.axes.items() if k != axis))
+
+
 def trial_label(t: TrialInfo, vary: set[str]) -> str:
     """A short human label naming the trial's varying axes (editor and FT always)."""
     if t.kind == "base":
@@ -556,10 +561,13 @@ class StudyData:
     def paired(self, key: str, fact_set: str, metric: str, stage_a: str, stage_b: str
                ) -> tuple[list[str], list[float | None], list[float | None]]:
         """(fact ids, values at ``stage_a``, values at ``stage_b``) over facts probed at both."""
-        a = self.facts(key, fact_set, metric, stage_a)
-        b = self.facts(key, fact_set, metric, stage_b)
-        ids = [i for i in a if i in b]
-        return ids, [a[i] for i in ids], [b[i] for i in ids]
+        return _pair(self.facts(key, fact_set, metric, stage_a), self.facts(key, fact_set, metric, stage_b))
+
+    def paired_trials(self, key_a: str, key_b: str, fact_set: str, metric: str, stage: str
+                      ) -> tuple[list[str], list[float | None], list[float | None]]:
+        """(fact ids, values in trial ``key_a``, values in trial ``key_b``) at one stage over
+        the facts both trials probed (e.g. one edit set under two fine-tunings)."""
+        return _pair(self.facts(key_a, fact_set, metric, stage), self.facts(key_b, fact_set, metric, stage))
 
     def paired_stat(self, key: str, metric: str, fn: Callable, stage_a: str = "edited", stage_b: str = "finetuned",
                     fact_set: str = "edit") -> Interval:
@@ -656,6 +664,17 @@ class StudyData:
 
     def unit_info(self, t: TrialInfo, name: str) -> list[Any]:
         return [u["info"][name] for u in t.units if name in (u["info"] or {})]
+
+
+def binary(values: Iterable[float | None]) -> list[bool | None]:
+    """Per-fact outcomes as booleans (≥ 0.5; a value averaged over units counts by majority), None kept."""
+    return [None if v is None else v >= 0.5 for v in values]
+
+
+def _pair(a: Mapping[str, float | None], b: Mapping[str, float | None]
+          ) -> tuple[list[str], list[float | None], list[float | None]]:
+    ids = [i for i in a if i in b]
+    return ids, [a[i] for i in ids], [b[i] for i in ids]
 
 
 def group_by(trials: Iterable[TrialInfo], key: Callable[[TrialInfo], Any]) -> dict[Any, list[TrialInfo]]:

@@ -26,7 +26,7 @@ import numpy as np
 from ..evaluate.significance import Interval, SignificanceInputError, mcnemar, paired_ttest
 from ..evaluate.stages import efr
 from . import figures as F
-from .data import NAN_INTERVAL, StudyData, TrialInfo, defined, fmt, fmt_p, mean_ci, paired_ci
+from .data import NAN_INTERVAL, StudyData, TrialInfo, axes_but, binary, defined, fmt, fmt_p, mean_ci, paired_ci
 
 ALPHA = 0.05
 EQUIVALENCE_MARGIN = 0.10
@@ -104,29 +104,28 @@ def fisher_p(a: Sequence[float], b: Sequence[float]) -> float:
     return float(stats.fisher_exact(table).pvalue)
 
 
+def edited_vs_intrinsic(d: StudyData, key: str, stage: str) -> tuple[Interval, float | None]:
+    """Intrinsic − edited retention of one trial at ``stage`` (different facts: two-sample
+    bootstrap interval, Fisher exact p; None without either set)."""
+    e = d.facts(key, "edit", "retained", stage).values()
+    i = d.facts(key, "intrinsic", "retained", stage).values()
+    eff = diff_ci(list(i), list(e), n_boot=d.n_boot, seed=d.seed)
+    return eff, fisher_p(list(i), list(e)) if defined(eff) else None
+
+
 # --- pairing trials -------------------------------------------------------------------------
-def _axes_but(t: TrialInfo, axis: str) -> tuple:
-    return tuple(sorted((k, repr(v)) for k, v in t.axes.items() if k != axis))
-
-
-def pairs_on(d: StudyData, axis: str, a: Callable[[TrialInfo], bool], b: Callable[[TrialInfo], bool],
-             kinds: Sequence[str] = ("edit+ft",)) -> list[tuple[TrialInfo, TrialInfo]]:
-    """Trials (x, y) of plain fine-tuning equal on every axis but ``axis``, with ``a(x)`` and ``b(y)``."""
-    trials = [t for t in d.of_kind(*kinds) if t.preserve == "none"]
-    out = []
-    for x in trials:
-        if not a(x):
-            continue
-        for y in trials:
-            if y is not x and b(y) and _axes_but(x, axis) == _axes_but(y, axis):
-                out.append((x, y))
-    return out
-
-
 def plain_ft(d: StudyData) -> list[TrialInfo]:
     """Edit+ft trials of plain fine-tuning (the seeds' claims concern it; the preserve
     axis has its own section)."""
     return [t for t in d.of_kind("edit+ft") if t.preserve == "none"]
+
+
+def pairs_on(d: StudyData, axis: str, a: Callable[[TrialInfo], bool], b: Callable[[TrialInfo], bool]
+             ) -> list[tuple[TrialInfo, TrialInfo]]:
+    """Trials (x, y) of plain fine-tuning equal on every axis but ``axis``, with ``a(x)`` and ``b(y)``."""
+    trials = plain_ft(d)
+    return [(x, y) for x in trials if a(x) for y in trials
+            if y is not x and b(y) and axes_but(x, axis) == axes_but(y, axis)]
 
 
 def _freezes_edited(t: TrialInfo) -> bool:
@@ -139,20 +138,20 @@ def _freezes_edited(t: TrialInfo) -> bool:
     return False
 
 
-def _paired_binary(d: StudyData, x: TrialInfo, y: TrialInfo, metric: str, stage: str = "finetuned"
-                   ) -> tuple[list[float | None], list[float | None]]:
-    fx, fy = d.facts(x.key, "edit", metric, stage), d.facts(y.key, "edit", metric, stage)
-    ids = [i for i in fx if i in fy and fx[i] is not None and fy[i] is not None]
-    return [fx[i] for i in ids], [fy[i] for i in ids]
+def _finetuned(d: StudyData, x: TrialInfo, y: TrialInfo, metric: str) -> tuple[list, list]:
+    """The edited facts' ``metric`` after fine-tuning in ``x`` and in ``y``, paired by fact."""
+    _, a, b = d.paired_trials(x.key, y.key, "edit", metric, "finetuned")
+    return a, b
 
 
 def _mcnemar_finding(d: StudyData, claim: str, source: str, comparison: str, measure: str, hi: list, lo: list,
                      ) -> Finding:
-    """Claim: outcome ``hi`` > outcome ``lo`` on the same facts (effect = mean(hi) − mean(lo))."""
-    if not hi:
-        return Finding(claim, source, comparison, measure, NAN_INTERVAL, None, "McNemar", "no data")
+    """Claim: outcome ``hi`` > outcome ``lo`` on the same facts (effect = mean(hi) − mean(lo);
+    facts undefined on either side are left out)."""
     eff = paired_ci(hi, lo, lambda u, v: u - v, n_boot=d.n_boot, seed=d.seed)
-    t = mcnemar([v >= 0.5 for v in lo], [v >= 0.5 for v in hi])
+    if not eff.n:
+        return Finding(claim, source, comparison, measure, NAN_INTERVAL, None, "McNemar", "no data")
+    t = mcnemar(binary(lo), binary(hi))
     return Finding(claim, source, comparison, measure, eff, t.p_value, f"McNemar ({t.method}, b={t.b}, c={t.c})",
                    decide(eff, t.p_value))
 
@@ -166,11 +165,7 @@ def claim_edited_below_intrinsic(d: StudyData) -> list[Finding]:
     """Seed 000: after fine-tuning, edited retention < intrinsic retention."""
     out = []
     for t in plain_ft(d):
-        e = list(d.facts(t.key, "edit", "retained", "finetuned").values())
-        i = list(d.facts(t.key, "intrinsic", "retained", "finetuned").values())
-        e, i = [v for v in e if v is not None], [v for v in i if v is not None]
-        eff = diff_ci(i, e, n_boot=d.n_boot, seed=d.seed) if e and i else NAN_INTERVAL
-        p = fisher_p(i, e) if e and i else None
+        eff, p = edited_vs_intrinsic(d, t.key, "finetuned")
         out.append(Finding("edited retention < intrinsic retention after FT", "seed 000", t.label,
                            "intrinsic − edited retention", eff, p, "Fisher exact (different facts)", decide(eff, p)))
     return out
@@ -181,12 +176,10 @@ def claim_intrinsic_stable(d: StudyData) -> list[Finding]:
     out = []
     for t in plain_ft(d):
         _, a, b = d.paired(t.key, "intrinsic", "retained", "edited", "finetuned")
-        keep = [(u, v) for u, v in zip(a, b) if u is not None and v is not None]
-        if not keep:
-            continue
-        a, b = [u for u, _ in keep], [v for _, v in keep]
         eff = paired_ci(b, a, lambda u, v: u - v, n_boot=d.n_boot, seed=d.seed)
-        m = mcnemar([u >= 0.5 for u in a], [v >= 0.5 for v in b])
+        if not eff.n:
+            continue
+        m = mcnemar(binary(a), binary(b))
         out.append(Finding(f"intrinsic retention stable under FT (within ±{EQUIVALENCE_MARGIN:.2f})", "seed 000",
                            t.label, "intrinsic retention: FT − edited", eff, m.p_value,
                            "interval inside ±margin (McNemar p shown)", decide_equivalence(eff)))
@@ -197,7 +190,7 @@ def claim_freezing_helps(d: StudyData) -> list[Finding]:
     """Seed 000: freezing the edited layers raises edited retention."""
     out = []
     for x, y in pairs_on(d, "layer_policy", _freezes_edited, lambda t: t.policy == "all"):
-        hi, lo = _paired_binary(d, x, y, "retained")
+        hi, lo = _finetuned(d, x, y, "retained")
         out.append(_mcnemar_finding(d, "freezing the edited layers raises edited retention", "seed 000",
                                     _label_pair(x, y, f"{x.policy} vs all"), "edited retention: frozen − all", hi, lo))
     return out
@@ -208,9 +201,7 @@ def claim_ft_lowers_es(d: StudyData) -> list[Finding]:
     out = []
     for t in plain_ft(d):
         _, a, b = d.paired(t.key, "edit", "success", "edited", "finetuned")
-        keep = [(u, v) for u, v in zip(a, b) if u is not None and v is not None]
-        out.append(_mcnemar_finding(d, "fine-tuning lowers ES", "seed 001", t.label, "ES: edited − fine-tuned",
-                                    [u for u, _ in keep], [v for _, v in keep]))
+        out.append(_mcnemar_finding(d, "fine-tuning lowers ES", "seed 001", t.label, "ES: edited − fine-tuned", a, b))
     return out
 
 
@@ -218,7 +209,7 @@ def claim_full_removes_more(d: StudyData) -> list[Finding]:
     """Seed 001: full fine-tuning removes more edits than LoRA/DoRA."""
     out = []
     for x, y in pairs_on(d, "ft_method", lambda t: t.ft_method in ("lora", "dora"), lambda t: t.ft_method == "full"):
-        hi, lo = _paired_binary(d, x, y, "success")
+        hi, lo = _finetuned(d, x, y, "success")
         out.append(_mcnemar_finding(d, "full FT removes more edits than LoRA/DoRA", "seed 001",
                                     f"{x.ft_method} vs full — {x.editor} n={x.n_edits}, {x.policy} on {x.task}",
                                     f"ES after FT: {x.ft_method} − full", hi, lo))
@@ -227,8 +218,8 @@ def claim_full_removes_more(d: StudyData) -> list[Finding]:
 
 def _decays(d: StudyData, t: TrialInfo) -> dict[str, float]:
     """Per fact: success after the edit − success after fine-tuning (1: the edit decayed)."""
-    a, b = d.facts(t.key, "edit", "success", "edited"), d.facts(t.key, "edit", "success", "finetuned")
-    return {i: a[i] - b[i] for i in a if i in b and a[i] is not None and b[i] is not None}
+    ids, a, b = d.paired(t.key, "edit", "success", "edited", "finetuned")
+    return {i: u - v for i, u, v in zip(ids, a, b) if u is not None and v is not None}
 
 
 def claim_alphaedit_decays_more(d: StudyData, caliper: float = MARGIN_CALIPER) -> list[Finding]:
@@ -264,7 +255,7 @@ def claim_edited_only_removes(d: StudyData) -> list[Finding]:
     out = []
     for other in ("all", "non-edited"):
         for x, y in pairs_on(d, "layer_policy", lambda t: t.policy == other, lambda t: t.policy == "edited"):
-            hi, lo = _paired_binary(d, x, y, "success")
+            hi, lo = _finetuned(d, x, y, "success")
             out.append(_mcnemar_finding(d, "FT of the edited layers only removes the most edits", "seed 001",
                                         _label_pair(x, y, f"{other} vs edited"), f"ES after FT: {other} − edited",
                                         hi, lo))
@@ -276,7 +267,7 @@ def claim_non_edited_impairs(d: StudyData) -> list[Finding]:
     (the opposite direction of seed 000's freezing claim, on ES)."""
     out = []
     for x, y in pairs_on(d, "layer_policy", lambda t: t.policy == "all", lambda t: t.policy == "non-edited"):
-        hi, lo = _paired_binary(d, x, y, "success")
+        hi, lo = _finetuned(d, x, y, "success")
         out.append(_mcnemar_finding(d, "non-edited-layer FT impairs more edits than full-model FT", "seed 001",
                                     _label_pair(x, y, "all vs non-edited"), "ES after FT: all − non-edited", hi, lo))
     return out
@@ -312,7 +303,6 @@ def budget_rows(d: StudyData, t: TrialInfo) -> list[dict[str, object]]:
     EFR and margin of the edited facts, intrinsic retention of the zero-edit twin."""
     tokens = {s: v[0] for s, v in d.curve(t.key, "tokens").items() if v}
     z = d.zero_edit_for(t) if t.has_edit else None
-    edited_success = d.facts(t.key, "edit", "success", "edited") if t.has_edit else {}
     rows = []
     steps = d.probe_steps(t.key, "edit" if t.has_edit else "intrinsic")
     for s in steps:
@@ -324,13 +314,9 @@ def budget_rows(d: StudyData, t: TrialInfo) -> list[dict[str, object]]:
             r["edited"] = d.rate(t.key, "edit", "retained", st)
             for m in ("es", "ps", "ns", "margin"):
                 r[m] = d.rate(t.key, "edit", m, st)
-            now = d.facts(t.key, "edit", "success", st)
-            ids = [i for i in edited_success if i in now]
-            r["efr"] = efr([edited_success[i] for i in ids], [now[i] for i in ids]) if ids else None
-            e = [v for v in d.facts(t.key, "edit", "retained", st).values() if v is not None]
-            i_ = [v for v in d.facts(t.key, "intrinsic", "retained", st).values() if v is not None]
-            r["gap"] = diff_ci(i_, e, n_boot=d.n_boot, seed=d.seed) if e and i_ else NAN_INTERVAL
-            r["gap_p"] = fisher_p(i_, e) if e and i_ else None
+            _, a, b = d.paired(t.key, "edit", "success", "edited", st)
+            r["efr"] = efr(a, b) if a else None
+            r["gap"], r["gap_p"] = edited_vs_intrinsic(d, t.key, st)
         rows.append(r)
     return rows
 
@@ -424,9 +410,8 @@ def edit_strength_rows(d: StudyData) -> list[list[str]]:
             continue
         dec = _decays(d, t)
         dec_iv = mean_ci(list(dec.values()), n_boot=d.n_boot, seed=d.seed) if dec else NAN_INTERVAL
-        a, b = d.facts(t.key, "edit", "success", "edited"), d.facts(t.key, "edit", "success", "finetuned")
-        ids = [i for i in a if i in b]
-        e = efr([a[i] for i in ids], [b[i] for i in ids]) if ids else None
+        _, a, b = d.paired(t.key, "edit", "success", "edited", "finetuned")
+        e = efr(a, b) if a else None
         rows.append([t.label, fmt(m), f"{fmt(d.rate(t.key, 'edit', 'success', 'edited'), n=False)} → "
                      f"{fmt(d.rate(t.key, 'edit', 'success', 'finetuned'))}", fmt(dec_iv), _efr_cell(e)])
     return rows

@@ -12,11 +12,7 @@ from __future__ import annotations
 import math
 
 from ..evaluate.significance import mcnemar
-from .data import NAN_INTERVAL, StudyData, TrialInfo, defined, fmt, fmt_p, paired_ci
-
-
-def _key(t: TrialInfo) -> tuple:
-    return tuple(sorted((k, repr(v)) for k, v in t.axes.items() if k != "preserve"))
+from .data import NAN_INTERVAL, StudyData, TrialInfo, axes_but, binary, defined, fmt, fmt_p, paired_ci
 
 
 def final_val(d: StudyData, t: TrialInfo, name: str = "val_loss") -> float:
@@ -37,11 +33,12 @@ def seconds_per_step(d: StudyData, t: TrialInfo) -> float:
 def preserve_groups(d: StudyData) -> list[tuple[TrialInfo, list[TrialInfo]]]:
     """(plain trial, [preserving trials]) for every group that has both."""
     trials = d.of_kind("edit+ft")
-    plain = {_key(t): t for t in trials if t.preserve == "none"}
+    plain = {axes_but(t, "preserve"): t for t in trials if t.preserve == "none"}
     groups: dict[tuple, list[TrialInfo]] = {}
     for t in trials:
-        if t.preserve != "none" and _key(t) in plain:
-            groups.setdefault(_key(t), []).append(t)
+        k = axes_but(t, "preserve")
+        if t.preserve != "none" and k in plain:
+            groups.setdefault(k, []).append(t)
     return [(plain[k], v) for k, v in groups.items()]
 
 
@@ -57,23 +54,21 @@ def preserve_section(d: StudyData):
     for plain, others in groups:
         base_loss = final_val(d, plain)
         for t in [plain, *others]:
-            fp = d.facts(plain.key, "edit", "retained", "finetuned")
-            ft = d.facts(t.key, "edit", "retained", "finetuned")
-            ids = [i for i in ft if i in fp and ft[i] is not None and fp[i] is not None]
-            if t is plain or not ids:
-                gain, p = NAN_INTERVAL, None
-            else:
-                gain = paired_ci([ft[i] for i in ids], [fp[i] for i in ids], lambda u, v: u - v,
-                                 n_boot=d.n_boot, seed=d.seed)
-                p = mcnemar([fp[i] >= 0.5 for i in ids], [ft[i] >= 0.5 for i in ids]).p_value
+            gain, p = NAN_INTERVAL, None
+            if t is not plain:
+                _, ft, fp = d.paired_trials(t.key, plain.key, "edit", "retained", "finetuned")
+                iv = paired_ci(ft, fp, lambda u, v: u - v, n_boot=d.n_boot, seed=d.seed)
+                if iv.n:
+                    gain, p = iv, mcnemar(binary(fp), binary(ft)).p_value
             loss = final_val(d, t)
             rel = 100 * (loss - base_loss) / base_loss if base_loss and not math.isnan(loss) else math.nan
+            sps = seconds_per_step(d, t)
             rows.append([plain.label if t is plain else f"  {t.preserve}", t.preserve,
                          fmt(d.rate(t.key, "edit", "retained", "finetuned")),
                          fmt(gain, n=False) + (f" (p={fmt_p(p)})" if defined(gain) else ""),
                          fmt(d.intrinsic(t, "finetuned")),
                          "—" if math.isnan(loss) else f"{loss:.3f}" + ("" if t is plain else f" ({rel:+.1f}%)"),
-                         "—" if math.isnan(seconds_per_step(d, t)) else f"{seconds_per_step(d, t):.2f}"])
+                         "—" if math.isnan(sps) else f"{sps:.2f}"])
     sec = Section(sid, title, src, "Per group (the plain fine-tuning first): edited retention after fine-tuning, "
                   "its gain over plain fine-tuning on the same facts (paired bootstrap interval, McNemar p), "
                   "intrinsic retention, the final validation loss of the task with its change relative to plain "
