@@ -11,7 +11,7 @@ import yaml
 
 from editdecay.editing import EDITORS
 from editdecay.finetune.presets import get_preset
-from editdecay.study import SpecError, StudySpec, estimate_cost, expand, format_plan
+from editdecay.study import CostModel, SpecError, StudySpec, estimate_cost, expand, format_plan
 from editdecay.study.spec import KINDS, config_hash, stage_seed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -302,3 +302,16 @@ def test_replication_specs_plan(name):
         assert cost["cpu_seconds"]["total"] < 45 * 60
     else:
         assert len({a["model"] for a in axes}) >= 2
+
+
+def test_cost_counts_the_confidence_filter_once_per_model_and_data():
+    d = copy.deepcopy(SEED001)
+    d["axes"].update(dataset="counterfact", n_edits=100)
+    d["selection"] = {"filter": True, "n_intrinsic": 50}
+    cm = CostModel()
+    trials = expand(spec(d))
+    cost = estimate_cost(trials, cm)
+    assert len(trials) > 1 and cost["selection_probes"] == cm.select_candidates  # as the runner: one pass
+    assert cost["cpu_seconds"]["select"] == round(cm.select_candidates * cm.select_fact_s, 1)
+    d["selection"]["filter"] = False
+    assert estimate_cost(expand(spec(d)), cm)["cpu_seconds"]["select"] == 0

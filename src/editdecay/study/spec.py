@@ -1140,9 +1140,10 @@ class CostModel:
     (fp32, 2 CPU cores). They scale roughly with parameter count: multiply by ~50 for a
     7B model on a CPU, divide by ~20–100 on a GPU. Estimates, not promises."""
 
-    edit_s: Mapping[str, float] = field(default_factory=lambda: {"rome": 8.0, "ft": 3.0, "memit": 4.0,
-                                                                  "alphaedit": 4.0, "mend": 0.3, "malmen": 0.3})
-    """Seconds per edited fact (target optimisation dominates; batched editors share it)."""
+    edit_s: Mapping[str, float] = field(default_factory=lambda: {"rome": 8.0, "ft": 3.0, "memit": 5.1,
+                                                                  "alphaedit": 4.9, "mend": 0.3, "malmen": 0.3})
+    """Seconds per edited fact (target optimisation dominates; batched editors share it). MEMIT
+    and AlphaEdit measured on 100 CounterFact facts in one batch (511 s and 494 s)."""
     edit_default_s: float = 8.0
     stats_pass_s: float = 60.0
     """One second-moment pass for a (model, editor, layers) set; cached across trials."""
@@ -1150,6 +1151,13 @@ class CostModel:
     """Seconds per optimiser step at the cpu-* presets' batch (8 × 128 tokens)."""
     probe_fact_s: float = 0.03
     """Seconds to probe one fact at one stage (retention, ES/PS/NS, categories)."""
+    budget_probe_fact_s: float = 0.076
+    """Seconds per fact at one budget point (retention plus each edited fact's ES/PS/NS and
+    margin): measured 22.8 s for 100 edited + 200 intrinsic facts (benchmarks/budget_probe.py)."""
+    select_fact_s: float = 0.032
+    """Seconds per candidate fact of the confidence filter (one greedy probe)."""
+    select_candidates: int = 10_000
+    """Candidates assumed per filtered selection (CounterFact's edit file; measured 320 s)."""
     downstream_item_s: Mapping[str, float] = field(default_factory=lambda: {"gen": 0.4, "ll": 0.08})
     downstream_default_items: int = 1000
     """Items per task assumed when ``limit`` is unset."""
@@ -1192,13 +1200,16 @@ def estimate_cost(trials: Iterable[Trial], cost_model: CostModel | None = None) 
     ``stats_passes`` (distinct second-moment passes, cached), ``finetune_runs`` (one per
     unit that fine-tunes: under single one per fact), ``finetune_steps`` (at most),
     ``downstream_evals`` (model × task evaluations) and ``downstream_items``,
-    ``probe_evals`` (fact × stage probes, including the probes during fine-tuning).
-    ``cpu_seconds`` splits the estimate per unit class (edit, stats, finetune, probe,
+    ``probe_evals`` (fact × stage probes, including the probes during fine-tuning),
+    ``selection_probes`` (candidates of the confidence filter, once per model and data).
+    ``cpu_seconds`` splits the estimate per unit class (select, edit, stats, finetune, probe,
     downstream, drift) with the assumptions of ``cost_model`` (:class:`CostModel`)."""
     cm = cost_model or CostModel()
     c = dict.fromkeys(("trials", "units", "edited_facts", "edit_calls", "finetune_runs", "finetune_steps",
-                       "downstream_evals", "downstream_items", "probe_evals", "drift_runs"), 0)
-    secs = dict.fromkeys(("edit", "stats", "finetune", "probe", "downstream", "drift"), 0.0)
+                       "downstream_evals", "downstream_items", "probe_evals", "drift_runs",
+                       "selection_probes"), 0)
+    secs = dict.fromkeys(("select", "edit", "stats", "finetune", "probe", "downstream", "drift"), 0.0)
+    selections: set[str] = set()
     stats: set[str] = set()
     edits: set[str] = set()
     by_kind = dict.fromkeys(KINDS, 0)
@@ -1226,14 +1237,27 @@ def estimate_cost(trials: Iterable[Trial], cost_model: CostModel | None = None) 
             if edit["protocol"] == "single":  # each fact's model probes the fact and the intrinsic set
                 n_probe = units * (1 + sel["n_intrinsic"] * n_sets)
         probes = n_probe * stages
+        if sel.get("filter", True):  # filter outcomes are cached per model, dataset, margin and mode
+            for src in cfg["data"].get("datasets", [cfg["data"]]):
+                skey = canonical_json([cfg["model"], [src.get(k) for k in ("dataset", "path", "format")],
+                                       sel.get("margin"), sel.get("mode")])
+                if skey not in selections:
+                    selections.add(skey)
+                    c["selection_probes"] += cm.select_candidates
+                    secs["select"] += cm.select_candidates * cm.select_fact_s
+        budget_probes = 0
         if ft is not None:
-            steps, evals = _budget_steps(ft, cm) or _ft_steps(ft["params"], cm)
+            budget = _budget_steps(ft, cm)
+            steps, evals = budget or _ft_steps(ft["params"], cm)
             c["finetune_runs"] += units
             c["finetune_steps"] += units * steps
             secs["finetune"] += units * steps * cm.ft_step_s.get(ft["method"], max(cm.ft_step_s.values()))
-            probes += n_probe * evals
-        c["probe_evals"] += probes
-        secs["probe"] += probes * cm.probe_fact_s
+            if budget:
+                budget_probes = n_probe * evals
+            else:
+                probes += n_probe * evals
+        c["probe_evals"] += probes + budget_probes
+        secs["probe"] += probes * cm.probe_fact_s + budget_probes * cm.budget_probe_fact_s
         ds = ev.get("downstream")
         if ds:
             evals = units * len(ds["stages"]) * len(ds["tasks"])
@@ -1294,7 +1318,7 @@ def format_plan(spec: StudySpec, trials: Sequence[Trial], cost: Mapping[str, Any
          f"({cost['stats_passes']} second-moment passes); {cost['finetune_runs']} fine-tuning runs "
          f"(<= {cost['finetune_steps']} steps); {cost['downstream_evals']} downstream evaluations "
          f"({cost['downstream_items']} items); {cost['probe_evals']} fact probes; {cost['drift_runs']} drift runs"),
-        "estimated CPU time: " + ", ".join(f"{n} {_hms(cs[n])}" for n in ("edit", "stats", "finetune", "probe",
+        "estimated CPU time: " + ", ".join(f"{n} {_hms(cs[n])}" for n in ("select", "edit", "stats", "finetune", "probe",
                                                                             "downstream", "drift") if cs[n])
         + f"; total {_hms(cs['total'])} ({cost['assumptions']})",
         f"resources per unit: {spec.resources.cpus:g} CPU, {spec.resources.gpus:g} GPU"
