@@ -107,10 +107,10 @@ def fisher_p(a: Sequence[float], b: Sequence[float]) -> float:
 def edited_vs_intrinsic(d: StudyData, key: str, stage: str) -> tuple[Interval, float | None]:
     """Intrinsic − edited retention of one trial at ``stage`` (different facts: two-sample
     bootstrap interval, Fisher exact p; None without either set)."""
-    e = d.facts(key, "edit", "retained", stage).values()
-    i = d.facts(key, "intrinsic", "retained", stage).values()
-    eff = diff_ci(list(i), list(e), n_boot=d.n_boot, seed=d.seed)
-    return eff, fisher_p(list(i), list(e)) if defined(eff) else None
+    e = list(d.facts(key, "edit", "retained", stage).values())
+    i = list(d.facts(key, "intrinsic", "retained", stage).values())
+    eff = diff_ci(i, e, n_boot=d.n_boot, seed=d.seed)
+    return eff, fisher_p(i, e) if defined(eff) else None
 
 
 # --- pairing trials -------------------------------------------------------------------------

@@ -1245,19 +1245,16 @@ def estimate_cost(trials: Iterable[Trial], cost_model: CostModel | None = None) 
                     selections.add(skey)
                     c["selection_probes"] += cm.select_candidates
                     secs["select"] += cm.select_candidates * cm.select_fact_s
-        budget_probes = 0
+        secs["probe"] += probes * cm.probe_fact_s
         if ft is not None:
             budget = _budget_steps(ft, cm)
             steps, evals = budget or _ft_steps(ft["params"], cm)
             c["finetune_runs"] += units
             c["finetune_steps"] += units * steps
             secs["finetune"] += units * steps * cm.ft_step_s.get(ft["method"], max(cm.ft_step_s.values()))
-            if budget:
-                budget_probes = n_probe * evals
-            else:
-                probes += n_probe * evals
-        c["probe_evals"] += probes + budget_probes
-        secs["probe"] += probes * cm.probe_fact_s + budget_probes * cm.budget_probe_fact_s
+            probes += n_probe * evals  # a budget point also scores each edited fact
+            secs["probe"] += n_probe * evals * (cm.budget_probe_fact_s if budget else cm.probe_fact_s)
+        c["probe_evals"] += probes
         ds = ev.get("downstream")
         if ds:
             evals = units * len(ds["stages"]) * len(ds["tasks"])
