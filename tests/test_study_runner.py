@@ -222,3 +222,27 @@ def test_downstream_rows_and_evaluator_options(tiny_dir, tmp_path, shared_data, 
     assert stages == {(by_kind["base"], "base"), (by_kind["zero-edit"], "finetuned"), (by_kind["edit-only"], "edited"),
                       (by_kind["edit+ft"], "edited"), (by_kind["edit+ft"], "finetuned")}
     assert {r["task"] for r in rows} == {"boolq", "ARC-Easy"} and all(r["n"] == 3 and r["mode"] == "ll" for r in rows)
+
+
+def test_base_and_edited_stages_are_scored_once_per_weights(tiny_dir, tmp_path, monkeypatch):
+    """A unit whose base model and edit were scored by an earlier unit reuses those scores
+    (counted) and writes the same rows as a fresh worker."""
+    import editdecay.evaluate.metrics as metrics
+    from editdecay.study.runner import Worker
+
+    spec = StudySpec.from_yaml(write_tiny_spec(tmp_path, tiny_dir))
+    trials = {t.kind: t for t in spec.expand()}
+    only, both = trials["edit-only"].config, trials["edit+ft"].config
+    calls = []
+    real = metrics.score_facts
+    monkeypatch.setattr(metrics, "score_facts", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    worker = Worker(spec.base_dir, progress=False)
+    unit = worker.unit_ids(only)[0]
+    worker.run_unit(only, unit)
+    assert len(calls) == 4  # base and edited: the edit set and the intrinsic set each
+    calls.clear()
+    shared = worker.run_unit(both, unit)
+    assert len(calls) == 2  # only the fine-tuned stage is scored (the budget probes call the probe's own path)
+    fresh = Worker(spec.base_dir, progress=False).run_unit(both, unit)
+    rows = lambda r: sorted((f.case_id, f.fact_set, f.stage, f.metric, f.value) for f in r.facts if f.stage in ("base", "edited"))
+    assert rows(shared) == rows(fresh) and rows(shared)

@@ -74,6 +74,7 @@ class Worker:
         self._tasks: dict[str, Any] = {}
         self._base_metrics: dict[str, dict[str, float]] = {}
         self._edits: dict[str, tuple] = {}
+        self._scores: dict[str, tuple] = {}  # stage scores of weights seen before (the base model, a cached edit)
 
     # resources ---------------------------------------------------------------------------
     def model(self, name: str) -> _Loaded:
@@ -210,7 +211,9 @@ class Worker:
             info["selections"] = sets.stats
         ds = cfg["evaluate"].get("downstream")
         ds_stages = set(ds.get("stages", [])) if ds else set()
-        base_scores = rows.stage("base", model, tok, probe_cfg)
+        skey = repr((cfg["model"], sets.dataset, [f.case_id for f in sets.edit],
+                     {k: [f.case_id for f in v] for k, v in sets.intrinsic.items()}, sorted(probe_cfg.items())))
+        base_scores = rows.stage("base", model, tok, probe_cfg, memo=self._scores, key=("base", skey))
         if "base" in ds_stages:
             rows.downstream(model, tok, ds, self._path(ds.get("data_dir")), "base")
         edited_layers: list[int] | None = None
@@ -240,7 +243,7 @@ class Worker:
                 self._edits[ekey] = (_changed(model, ld.pristine), edited_layers, dropped, secs, preset_name)
             info.update(edited_layers=edited_layers, dropped=dropped, edit_seconds=round(secs, 2), editor_preset=preset_name)
             rows.metric("edit_seconds", secs, stage="edited")
-            edited_scores = rows.stage("edited", model, tok, probe_cfg)
+            edited_scores = rows.stage("edited", model, tok, probe_cfg, memo=self._scores, key=("edited", skey, ekey))
             if "edited" in ds_stages:
                 rows.downstream(model, tok, ds, self._path(ds.get("data_dir")), "edited")
             if drift_cfg:
@@ -388,15 +391,25 @@ class _Rows:
     def metric(self, name: str, value: float | None = None, text: str | None = None, stage: str = "") -> None:
         self.metrics.append(MetricRow(name, value, text, stage))
 
-    def stage(self, stage: str, model, tok, probe: dict[str, Any]) -> dict[str, Any]:
+    def stage(self, stage: str, model, tok, probe: dict[str, Any], memo: dict | None = None,
+              key: tuple | None = None) -> dict[str, Any]:
         """Score every fact on ``model``: ES/PS/NS, success and retention of the edit
-        set; retention of the intrinsic sets. Returns the per-fact scores."""
+        set; retention of the intrinsic sets. Returns the per-fact scores. With ``memo``,
+        the scores of weights already scored under ``key`` (deterministic) are reused."""
         from ..evaluate.metrics import score_facts
 
         mode, prob = probe.get("mode", "greedy"), probe.get("prob", "mean")
+        if memo is not None and key in memo:
+            edit_sc, intrinsic_sc = memo[key]
+        else:
+            edit_sc = score_facts(model, tok, self.sets.edit, mode=mode, prob=prob) if self.sets.edit else None
+            intrinsic_sc = {ds: score_facts(model, tok, facts, mode=mode, prob=prob)
+                            for ds, facts in self.sets.intrinsic.items()}
+            if memo is not None:
+                memo[key] = (edit_sc, intrinsic_sc)
         out: dict[str, Any] = {}
-        if self.sets.edit:
-            sc = score_facts(model, tok, self.sets.edit, mode=mode, prob=prob)
+        if edit_sc is not None:
+            sc = edit_sc
             out["edit"] = sc.facts
             for f in sc.facts:
                 for metric in ("es", "ps", "ns"):
@@ -410,8 +423,7 @@ class _Rows:
             for k, v in sc.summary().items():
                 if isinstance(v, float):
                     self.metric(f"edit_{k}", v, stage=stage)
-        for ds, facts in self.sets.intrinsic.items():
-            sc = score_facts(model, tok, facts, mode=mode, prob=prob)
+        for ds, sc in intrinsic_sc.items():
             out.setdefault("intrinsic", []).extend(sc.facts)
             for f in sc.facts:
                 v = None if f.retained_true is None else float(f.retained_true)
