@@ -299,7 +299,7 @@ def test_replication_specs_plan(name):
     assert {a["protocol"] for a in edited} == {protocol}
     if name.endswith("-cpu"):
         assert {a["model"] for a in axes} == {"smollm2-135m-instruct-q4_1"}
-        assert cost["cpu_seconds"]["total"] < 45 * 60
+        assert cost["cpu_seconds"]["total"] < 60 * 60  # an upper bound: runs at max_steps (measured 41 and 43 min)
     else:
         assert len({a["model"] for a in axes}) >= 2
 
@@ -315,3 +315,16 @@ def test_cost_counts_the_confidence_filter_once_per_model_and_data():
     assert cost["cpu_seconds"]["select"] == round(cm.select_candidates * cm.select_fact_s, 1)
     d["selection"]["filter"] = False
     assert estimate_cost(expand(spec(d)), cm)["cpu_seconds"]["select"] == 0
+
+
+def test_packed_text_steps_are_priced_by_their_tokens():
+    """A budget run on packed text costs (fixed + tokens x per-token) seconds per step."""
+    d = yaml.safe_load((DEMO.parent / "decay-curves-cpu.yaml").read_text())
+    d["exclude"] = [{"editor": ["rome", "memit", "alphaedit"]}, {"ft_method": "full"}, {"layer_policy": ["non-edited", "edited"]}]
+    cm = CostModel()
+    secs = lambda dd: estimate_cost(expand(StudySpec.from_dict(dd, base_dir=DEMO.parent)), cm)["cpu_seconds"]["finetune"]
+    small = secs(d)
+    d["finetune"]["overrides"]["block_size"] = 128
+    steps = max(d["finetune"]["budget"])  # the zero-edit baseline's one LoRA run
+    assert secs(d) - small == pytest.approx(steps * 4 * 64 * cm.ft_token_s["lora"], abs=0.2)
+    assert small == pytest.approx(steps * (cm.ft_fixed_s["lora"] + 4 * 64 * cm.ft_token_s["lora"]), abs=0.2)
