@@ -255,25 +255,25 @@ def _text(section) -> str:
 def test_rates_show_the_known_value_with_interval_and_n(synthetic_db):
     secs = _sections(synthetic_db)
     assert not [s.id for s in secs.values() if s.error], [(s.id, s.error) for s in secs.values() if s.error]
-    fig2 = secs["s000_fig2"]
+    fig2 = secs["retention_after_edit_and_ft"]
     row = next(r for r in fig2.tables[0].rows if r[0] == MEMIT_LORA)
     expected = fmt(rate_ci([True] * 7 + [False] * 3, n_boot=2000))
     assert row[4] == expected and expected.startswith("0.70 [") and expected.endswith("n=10"), row
     assert row[3].startswith("1.00 [1.00, 1.00] n=10")
     assert row[6].startswith("0.90 [") and "n=10" in row[6]  # intrinsic after FT: 9 of 10
     # T1: ES in percent; T3: ΔES 30 points and EFR 3/10
-    t1 = next(r for r in secs["s001_t1"].tables[0].rows if r[0] == row[0])
+    t1 = next(r for r in secs["edit_metrics_before_after_ft"].tables[0].rows if r[0] == row[0])
     assert t1[2].startswith("100.0") and t1[3].startswith("70.0 [")
-    cols = secs["s001_t1"].tables[0].columns
+    cols = secs["edit_metrics_before_after_ft"].tables[0].columns
     assert t1[cols.index("NS edited")].startswith("80.0 [") and t1[cols.index("NS unedited")].startswith("100.0")
     assert t1[cols.index("NS drop (edit)")].startswith("20.0 [")  # collateral damage, with its interval
-    t3 = next(r for r in secs["s001_t3"].tables[0].rows if r[0] == row[0])
+    t3 = next(r for r in secs["es_drop_and_forgetting_rate"].tables[0].rows if r[0] == row[0])
     assert t3[1].startswith("30.0 [") and t3[2].startswith("0.30 [") and t3[2].endswith("n=10")
     # T2: decrease rate 0.3; T4: 7 stable, 3 erased
-    assert next(r for r in secs["s001_t2"].tables[0].rows if r[0] == row[0])[1].startswith("0.300 [")
-    t4 = next(r for r in secs["s001_t4"].tables[0].rows if r[0] == row[0])
+    assert next(r for r in secs["decrease_rates"].tables[0].rows if r[0] == row[0])[1].startswith("0.300 [")
+    t4 = next(r for r in secs["fact_transitions"].tables[0].rows if r[0] == row[0])
     assert t4[1].startswith("7 (0.70") and t4[2].startswith("3 (0.30") and t4[-1] == "10"
-    assert {r[1] for r in secs["s001_t4"].tables[1].rows} == {"stable", "erased"}
+    assert {r[1] for r in secs["fact_transitions"].tables[1].rows} == {"stable", "erased"}
 
 
 def test_large_samples_use_the_binomial_bootstrap():
@@ -291,28 +291,28 @@ def test_every_section_has_data_on_the_synthetic_batch_study(synthetic_db):
     secs = _sections(synthetic_db)
     empty = {sid for sid, s in secs.items() if not s.has_data}
     # no tracing in the store; the budget and preserve axes are tested in test_findings
-    assert empty == {"s001_fig67", "budget_curves", "preserve", "reedit"}, empty
-    assert "artefacts of kind `trace`" in secs["s001_fig67"].missing
-    t5 = secs["s001_t5"].tables[0]
+    assert empty == {"causal_tracing", "budget_curves", "preserve", "reedit"}, empty
+    assert "artefacts of kind `trace`" in secs["causal_tracing"].missing
+    t5 = secs["selective_block_ft"].tables[0]
     assert t5.columns == ["metric", "base", "edited", "ft-all", "ft-edited", "ft-non-edited"]
     es = t5.rows[0]
     assert es[3].startswith("70.0") and es[4].startswith("50.0") and es[5].startswith("90.0")
     assert t5.rows[3][0] == "downstream acc." and t5.rows[3][1].startswith("58.5 [")  # base: (62 + 55) / 2
-    t6 = secs["s001_t6"]
+    t6 = secs["downstream_accuracy"]
     assert t6.tables[1].columns == ["trial", "boolq", "piqa"]
     memit = next(r for r in t6.tables[0].rows if r[0] == MEMIT_LORA)
     assert memit[1].startswith("▼") and "55.0 [" in memit[1] and memit[1].endswith("n=200")
-    t20 = secs["s001_t20"].tables[0].rows
+    t20 = secs["downstream_degradation"].tables[0].rows
     assert any(r[2].startswith("1.5 [") for r in t20)  # zero-edit 56.5 − edited 55.0
-    fig9 = {(r[0], r[1]): r for r in secs["s001_fig9"].tables[0].rows}
+    fig9 = {(r[0], r[1]): r for r in secs["significance_tests"].tables[0].rows}
     assert fig9[("all", "lora")][2] != "1" and fig9[("all", "lora")][5] != "—"
-    assert secs["s001_fig9"].figures and secs["s001_fig9"].tables[1].columns[1] == "b (1→0)"
-    assert len(secs["s000_fig3a"].tables[0].rows) == 3 and len(secs["s000_fig3b"].tables[0].rows) == 2
-    assert [r[1] for r in secs["s000_fig5"].tables[0].rows] == ["1", "6"]
-    t15 = secs["s001_t15"].tables[0].rows
+    assert secs["significance_tests"].figures and secs["significance_tests"].tables[1].columns[1] == "b (1→0)"
+    assert len(secs["retention_vs_layer_threshold"].tables[0].rows) == 3 and len(secs["retention_vs_layer_window"].tables[0].rows) == 2
+    assert [r[1] for r in secs["retention_vs_edit_layer"].tables[0].rows] == ["1", "6"]
+    t15 = secs["hotpotqa_vs_commonsense"].tables[0].rows
     assert len(t15) == 1 and t15[0][4].startswith("30.0")
-    assert secs["s001_t14"].tables[0].rows and all("mend" in r[0] for r in secs["s001_t14"].tables[0].rows)
-    tab1 = secs["s000_table1"].tables[0]
+    assert secs["mend_under_ft"].tables[0].rows and all("mend" in r[0] for r in secs["mend_under_ft"].tables[0].rows)
+    tab1 = secs["top_tokens_during_ft"].tables[0]
     assert tab1.rows[2][2] == "' Paris' (0.600)"
 
 
@@ -334,15 +334,15 @@ def test_reproduction_check_compares_matching_configurations(synthetic_db):
 def test_single_protocol_averages_intrinsic_over_per_fact_models(single_db):
     secs = _sections(single_db)
     assert not [s.id for s in secs.values() if s.error]
-    rome = next(r for r in secs["s000_fig2"].tables[0].rows if r[1] == "rome")
+    rome = next(r for r in secs["retention_after_edit_and_ft"].tables[0].rows if r[1] == "rome")
     assert rome[4].startswith("0.60 [") and rome[4].endswith("n=10")
     assert rome[6].startswith("0.80 [") and rome[6].endswith("n=10")  # 10 intrinsic facts, each over 10 models
-    ft = next(r for r in secs["s000_fig2"].tables[0].rows if r[1] == "ft")
+    ft = next(r for r in secs["retention_after_edit_and_ft"].tables[0].rows if r[1] == "ft")
     assert ft[4].endswith("n=9")  # one unit failed: 9 facts
     overview = secs["overview"]
     assert any("boom" in r[2] for r in overview.tables[1].rows)
     assert any(r[4] == "9/10" and r[3] == "failed" for r in overview.tables[0].rows)
-    assert secs["s000_fig4"].figures and "per-fact models" in secs["s000_fig4"].markdown
+    assert secs["token_category_mass"].figures and "per-fact models" in secs["token_category_mass"].markdown
 
 
 def test_sections_never_crash_on_empty_or_baseline_only_databases(empty_db, baselines_db, tmp_path):
@@ -350,13 +350,13 @@ def test_sections_never_crash_on_empty_or_baseline_only_databases(empty_db, base
         secs = _sections(db)
         assert list(secs) == SECTION_IDS
         assert not [s.id for s in secs.values() if s.error], [(s.id, s.error) for s in secs.values() if s.error]
-        for sid in ("s000_fig3a", "s001_t1", "s001_t5", "s001_fig67"):
+        for sid in ("retention_vs_layer_threshold", "edit_metrics_before_after_ft", "selective_block_ft", "causal_tracing"):
             assert secs[sid].missing and not secs[sid].has_data
         paths = build_report(db, tmp_path / db.stem, n_boot=500)
         assert paths.markdown.is_file() and paths.html.is_file()
     secs = _sections(empty_db)
     assert "no trials" in secs["overview"].missing
-    assert "layer_policy ∈ {threshold:t}" in secs["s000_fig3a"].missing
+    assert "layer_policy ∈ {threshold:t}" in secs["retention_vs_layer_threshold"].missing
     assert summary_table(empty_db) == []
     rows = summary_table(baselines_db)
     assert [r["kind"] for r in rows] == ["base", "zero-edit"]
@@ -455,8 +455,8 @@ def test_report_of_a_real_tiny_study(tiny_study_db, tmp_path):
     secs = _sections(tiny_study_db)
     assert not [s.id for s in secs.values() if s.error], [(s.id, s.error) for s in secs.values() if s.error]
     with_data = {sid for sid, s in secs.items() if s.has_data}
-    assert {"overview", "summary", "retention_curves", "s000_fig2", "s000_fig4", "s000_table1", "s000_table3",
-            "s001_t1", "s001_fig2", "s001_t2", "s001_t3", "s001_t4", "s001_fig3", "s001_fig9", "repro"} <= with_data
+    assert {"overview", "summary", "retention_curves", "retention_after_edit_and_ft", "token_category_mass", "top_tokens_during_ft", "fact_selection",
+            "edit_metrics_before_after_ft", "es_before_after_ft", "decrease_rates", "es_drop_and_forgetting_rate", "fact_transitions", "activation_drift", "significance_tests", "repro"} <= with_data
     rows = summary_table(tiny_study_db)
     assert [r["kind"] for r in rows] == ["base", "zero-edit", "edit-only", "edit+ft"]
     eft = rows[3]

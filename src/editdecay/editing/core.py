@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..torch_utils import pad
 from ..evaluate.metrics import split_target
 from ..facts.record import FactRecord
 from ..models.arch import get_arch
@@ -113,14 +114,7 @@ class _Stop(Exception):
     pass
 
 
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(list(s))
-        mask[r, : len(s)] = 1
-    return ids.to(device), mask.to(device)
+_pad = pad  # the shared helper (editdecay.torch_utils)
 
 
 @torch.no_grad()

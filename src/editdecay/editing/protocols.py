@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
+from ..errors import EditdecayError
 from ..evaluate.metrics import FactScore, score_facts
 from ..evaluate.probes import Prober
 from ..facts.record import FactRecord
+from ..models import save_model
 from .base import EditResult
 
 log = logging.getLogger(__name__)
@@ -208,3 +212,40 @@ def reedit(editor, model, tokenizer, facts: list[FactRecord], *, batch_size: int
             res.restore(model)
     doc["reedit"], res = run(decayed)
     return doc, (res.results if res is not None else [])
+
+
+def save_edited_model(model, tokenizer, path: str | Path, result: ProtocolResult, *, method: str, base_model: str,
+                      preset: str | None = None, requests: str | None = None) -> Path:
+    """Save the model as edited by ``result`` to ``path``, a loadable model directory whose
+    ``identity.json`` records ``base`` (``{"model": base_model}``, the unedited model that
+    fine-tuning's ``loss<base-Δ`` and ``unedit`` use) and ``edit`` (``method``, the case
+    ids, ``edited_layers``, ``preset``, ``requests`` and ``seconds_per_fact``, read by
+    ``finetune --from-edit`` and ``reedit``). Returns the path.
+
+    ``batch`` / ``sequential``: the model still holds the edits and is saved as it is (it
+    stays edited; ``result.restore`` undoes that). ``single``: ``result`` must hold one
+    fact run with ``keep_results``; its deltas are applied, the model is saved and then
+    restored. Raises :class:`EditdecayError` when that fact was dropped (not edited).
+    """
+    base = {"model": base_model}
+    if result.protocol != "single":
+        kept = [o for o in result.outcomes if not o.dropped]
+        edit = {"method": method, "protocol": result.protocol, "case_ids": [o.case_id for o in result.outcomes],
+                "edited_layers": sorted({b for o in kept for b in o.edited_layers}), "preset": preset,
+                "requests": requests, "seconds_per_fact": sum(o.seconds for o in kept) / len(kept) if kept else None}
+        return save_model(model, tokenizer, path, {"base": base, "edit": edit})
+    if len(result.outcomes) != 1 or result.outcomes[0].result is None:
+        raise ValueError("save_edited_model: protocol single needs one fact run with keep_results=True")
+    outcome = result.outcomes[0]
+    if outcome.dropped:
+        raise EditdecayError(f"fact {outcome.case_id} could not be edited; no model saved")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, d in outcome.result.deltas.items():
+            params[name].add_(d)
+    try:
+        return save_model(model, tokenizer, path, {"base": base, "edit": {
+            "method": method, "case_id": outcome.case_id, "edited_layers": outcome.edited_layers, "preset": preset,
+            "requests": requests, "seconds_per_fact": outcome.seconds}})
+    finally:
+        outcome.result.restore(model)

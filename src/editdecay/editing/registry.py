@@ -85,6 +85,9 @@ class EditorRegistry(Mapping[str, EditorEntry]):
                 "editdecay.editing.register_editor(name, cls=..., hparams=...)"
             ) from None
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 

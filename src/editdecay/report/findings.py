@@ -27,6 +27,7 @@ from ..evaluate.significance import Interval, SignificanceInputError, mcnemar, p
 from ..evaluate.stages import efr
 from . import figures as F
 from .data import NAN_INTERVAL, StudyData, TrialInfo, axes_but, binary, defined, fmt, fmt_p, mean_ci, paired_ci
+from .registry import order_of, section
 
 ALPHA = 0.05
 EQUIVALENCE_MARGIN = 0.10
@@ -334,10 +335,16 @@ def _tok(v: object) -> str:
     return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.1f}k" if v >= 1e3 else f"{v:.0f}"
 
 
+@section("budget_curves", "Retention versus fine-tuning budget", "issue 16 (budget axis)",
+         order=order_of("retention_curves") + 0.25)
 def budget_section(d: StudyData):
-    from .sections import MAX_PANELS, Figure, Section, Table, _no_data
+    """Shows, per trial with a fine-tuning budget, every probed step: tokens, edited and intrinsic retention, the
+    zero-edit twin's intrinsic retention, ES/PS/NS, EFR, margin and the Fisher test of intrinsic vs edited
+    retention (:func:`budget_rows`), with retention against training tokens; from the ``step:N`` fact rows and the
+    ``tokens`` curve of the edit+ft and zero-edit trials whose ``finetune.budget`` is set."""
+    from .sections import MAX_PANELS, Figure, Section, Table, _no_data, meta
 
-    sid, title, src = "budget_curves", "Retention versus fine-tuning budget", "issue 16 (budget axis)"
+    sid, title, src = meta(budget_section)
     trials = budget_trials(d)
     if not trials:
         return _no_data(sid, title, src, "needs a fine-tuning budget axis: finetune.budget: [steps, ...] or "
@@ -368,17 +375,23 @@ def budget_section(d: StudyData):
                   "P(true) on the rewrite prompt; the last column tests seed 000's claim at every point (edited and "
                   "intrinsic are different facts: Fisher's exact test).")
     if panels:
-        sec.figures.append(Figure("budget_curves", F.line_panels(panels), "Retention against training tokens."))
+        sec.figures.append(Figure(sid, F.line_panels(panels), "Retention against training tokens."))
     sec.tables.append(Table(["trial", "step", "tokens", "edited retention", "intrinsic retention",
                              "intrinsic, no edit", "ES", "PS", "NS", "EFR", "margin",
                              "intrinsic − edited (Fisher p)"], rows))
     return sec
 
 
+@section("findings", "Findings: the seeds' claims tested on this study", "seeds 000 and 001, findings",
+         order=order_of("summary") + 0.5)
 def findings_section(d: StudyData):
-    from .sections import Section, Table, _no_data
+    """Shows every claim of the seeds tested on the study (:func:`findings`): the verdict counts per claim, then
+    per comparison the effect with its interval, p, test and verdict, and an edit-strength table (margin after the
+    edit beside ES decay and EFR); from the ``retained``/``success``/``margin`` edit-set rows of the plain
+    fine-tuning edit+ft trials, single or paired with a trial that differs in one axis."""
+    from .sections import Section, Table, _no_data, meta
 
-    sid, title, src = "findings", "Findings: the seeds' claims tested on this study", "seeds 000 and 001, findings"
+    sid, title, src = meta(findings_section)
     fs = findings(d)
     if not fs:
         return _no_data(sid, title, src, "needs edit+ft trials (and, per claim, pairs differing in one axis: "

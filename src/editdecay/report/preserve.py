@@ -13,6 +13,7 @@ import math
 
 from ..evaluate.significance import mcnemar
 from .data import NAN_INTERVAL, StudyData, TrialInfo, axes_but, binary, defined, fmt, fmt_p, paired_ci
+from .registry import order_of, section
 
 
 def final_val(d: StudyData, t: TrialInfo, name: str = "val_loss") -> float:
@@ -42,10 +43,16 @@ def preserve_groups(d: StudyData) -> list[tuple[TrialInfo, list[TrialInfo]]]:
     return [(plain[k], v) for k, v in groups.items()]
 
 
+@section("preserve", "Edit-preserving fine-tuning versus plain fine-tuning", "issue 17",
+         order=order_of("retention_curves") + 0.5)
 def preserve_section(d: StudyData):
-    from .sections import Section, Table, _no_data
+    """Shows, per group of edit+ft trials equal on every axis but ``preserve`` (plain fine-tuning first), edited
+    retention after fine-tuning, its paired gain over plain fine-tuning with McNemar p, intrinsic retention, the
+    final validation loss with its change vs plain, and seconds per step (:func:`preserve_groups`); from the
+    ``finetuned`` ``retained`` rows, the ``val_loss`` curve and the ``finetune_seconds``/``steps`` metrics."""
+    from .sections import Section, Table, _no_data, meta
 
-    sid, title, src = "preserve", "Edit-preserving fine-tuning versus plain fine-tuning", "issue 17"
+    sid, title, src = meta(preserve_section)
     groups = preserve_groups(d)
     if not groups:
         return _no_data(sid, title, src, "needs the preserve axis (anchor, nullspace, replay, freeze-edited) "

@@ -5,16 +5,23 @@ against the original edit (the study's ``reedit`` stage)."""
 from __future__ import annotations
 
 from .data import StudyData, fmt
+from .registry import order_of, section
 
 
 def _secs(x: float | None) -> str:
     return "—" if x is None else f"{x:.1f}"
 
 
+@section("reedit", "Re-edit cost after fine-tuning", "seed 001 (cost of re-editing), issue 18",
+         order=order_of("retention_curves") + 0.75)
 def reedit_section(d: StudyData):
-    from .sections import Section, Table, _no_data, _rate_iv
+    """Shows, per edit+ft trial with the re-edit stage, the decayed facts, the re-edit's editor, seconds and
+    success on them, ES of all facts after fine-tuning → after re-editing, editing every fact from scratch on the
+    fine-tuned model, and the original edit's seconds; from the units' ``reedit`` info and the ``edit_seconds``
+    metric rows."""
+    from .sections import Section, Table, _no_data, _rate_iv, meta
 
-    sid, title, src = "reedit", "Re-edit cost after fine-tuning", "seed 001 (cost of re-editing), issue 18"
+    sid, title, src = meta(reedit_section)
     rows = []
     for t in d.of_kind("edit+ft"):
         for doc in d.unit_info(t, "reedit"):

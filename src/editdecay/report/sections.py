@@ -4,8 +4,10 @@ Each function takes a :class:`~editdecay.report.data.StudyData` and returns a
 :class:`Section` (title, Markdown notes, figures, tables, and — when the study holds no
 data for it — a note naming the spec axes that would produce it). Every rate is shown
 as ``estimate [95% bootstrap interval] n=…``; ES/PS/NS and downstream accuracies in
-percent (seed 001), retention as fractions (seed 000). :func:`build_sections` runs them
-all and never raises: a section that fails reports its error instead.
+percent (seed 001), retention as fractions (seed 000). Each function is registered with
+``@section(id, title, source)`` (:mod:`~editdecay.report.registry`), which holds its id,
+title and source; :func:`build_sections` runs the registered sections in report order
+and never raises: a section that fails reports its error instead.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from .data import (
     mean_std,
     name_matches,
 )
+from .registry import meta, registered, section
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +192,12 @@ def _units_ci(d: StudyData, values: Sequence[float]) -> Interval:
 
 
 # --- overview and headline ---------------------------------------------------------------------
+@section("overview", "Study overview")
 def overview(d: StudyData) -> Section:
-    """Studies, trials by kind and status, the axes that vary, failures."""
-    sec = Section("overview", "Study overview")
+    """Shows the studies in the database, the trials counted by kind and status, the axes that vary, a per-trial
+    table (key, status, units done, protocol, edited and fine-tuned blocks, unverified edits) and the failed units
+    with their errors; from every trial of the study data and its units (status, error, info ``blocks``)."""
+    sec = Section(*meta(overview))
     if not d.trials:
         sec.missing = ("the database holds no trials: run a study spec into it (`editdecay run SPEC --db DB`); "
                        "axes: model, dataset, editor, n_edits, protocol, task, ft_method, layer_policy")
@@ -250,11 +256,14 @@ def summary_rows(d: StudyData) -> list[dict[str, str]]:
     return out
 
 
+@section("summary", "Headline: retention before → after fine-tuning", "seed 000 Fig. 2 / seed 001 T1")
 def headline(d: StudyData) -> Section:
-    """Retention before → after fine-tuning per trial (the summary table)."""
-    sec = Section("summary", "Headline: retention before → after fine-tuning", "seed 000 Fig. 2 / seed 001 T1",
-                  "Edited retention = share of edited facts whose first non-stop token is the new target; "
-                  "intrinsic retention = share of intrinsic facts still answered with the true target. "
+    """Shows per trial edited retention after editing → after fine-tuning, intrinsic retention (from the base model
+    for zero-edit trials), ES in percent and the stopping rule that fired (:func:`summary_rows`); from the per-fact
+    ``retained``/``es`` rows of the edit and intrinsic sets at stages ``edited`` (``base``) and ``finetuned`` of
+    every trial."""
+    sec = Section(*meta(headline), "Edited retention = share of edited facts whose first non-stop token is the "
+                  "new target; intrinsic retention = share of intrinsic facts still answered with the true target. "
                   "Before = after editing (the base model for zero-edit trials), after = after fine-tuning.")
     rows = summary_rows(d)
     if not rows:
@@ -266,9 +275,13 @@ def headline(d: StudyData) -> Section:
     return sec
 
 
+@section("retention_curves", "Retention during fine-tuning: edited vs intrinsic", "seed 000 Fig. 2 (over steps)")
 def retention_curves(d: StudyData) -> Section:
-    """Edited vs intrinsic retention over the probe steps of fine-tuning (headline figure)."""
-    sid, title, src = "retention_curves", "Retention during fine-tuning: edited vs intrinsic", "seed 000 Fig. 2 (over steps)"
+    """Shows edited vs intrinsic retention at every probe during fine-tuning, one panel per trial (the zero-edit
+    model with the same fine-tuning dashed), and a table of the first and last probe and the final value; from the
+    ``retained`` fact rows at stages ``step:N`` of edit+ft trials (of zero-edit trials' intrinsic probes when no
+    edit+ft trial was probed)."""
+    sid, title, src = meta(retention_curves)
     cands = [t for t in d.of_kind("edit+ft") if d.probe_steps(t.key)]
     if not cands:
         cands = [t for t in d.of_kind("zero-edit") if d.probe_steps(t.key, "intrinsic")]
@@ -300,16 +313,20 @@ def retention_curves(d: StudyData) -> Section:
     sec = Section(sid, title, src, "Share of facts retained at each probe during fine-tuning; bands are 95% "
                   "bootstrap intervals over facts; the dashed grey line is the zero-edit model with the same "
                   "fine-tuning." + (f" First {MAX_PANELS} of {len(cands)} trials shown." if len(cands) > MAX_PANELS else ""))
-    sec.figures.append(Figure("retention_curves", F.line_panels(panels), "Retention over fine-tuning steps."))
+    sec.figures.append(Figure(sid, F.line_panels(panels), "Retention over fine-tuning steps."))
     sec.tables.append(Table(["trial", "facts", "first probe step", "retention", "last probe step", "retention",
                              "after FT (final)"], rows))
     return sec
 
 
 # --- seed 000 -------------------------------------------------------------------------------
+@section("retention_after_edit_and_ft", "Retention after editing and after fine-tuning (editor × task)", "seed 000 Fig. 2")
 def s000_fig2(d: StudyData) -> Section:
-    """Edited and intrinsic retention after edit and after FT per editor × task."""
-    sid, title, src = "s000_fig2", "Retention after editing and after fine-tuning (editor × task)", "seed 000 Fig. 2"
+    """Shows edited and intrinsic retention after editing and after fine-tuning all blocks per trial (editor ×
+    task), as a bar chart with 95% intervals and a table; from the ``retained`` rows at stages ``edited`` and
+    ``finetuned`` of the edit+ft trials with layer policy ``all``, and the ``base``/``finetuned`` intrinsic rows of
+    the zero-edit trials with policy ``all`` (one row per dataset)."""
+    sid, title, src = meta(s000_fig2)
     eft = _prefer(d.of_kind("edit+ft"))
     trials = [t for t in eft if t.policy == "all"]
     zero = [z for z in d.of_kind("zero-edit") if z.policy == "all"]
@@ -340,8 +357,8 @@ def s000_fig2(d: StudyData) -> Section:
                   "show the unedited model before and after the same fine-tuning.")
     sec.tables.append(Table(["trial", "editor", "task", "edited · after edit", "edited · after FT",
                              "intrinsic · after edit", "intrinsic · after FT"], rows))
-    sec.figures.append(Figure("s000_fig2", F.bar_chart(groups, list(series.items()), ylabel="retention",
-                                                         ylim=(0, 1.05)), "Retention with 95% bootstrap intervals."))
+    sec.figures.append(Figure(sid, F.bar_chart(groups, list(series.items()), ylabel="retention", ylim=(0, 1.05)),
+                              "Retention with 95% bootstrap intervals."))
     if not zero:
         sec.markdown += " No zero-edit baseline with policy `all` in the study (add editor `none` to the axes)."
     return sec
@@ -379,16 +396,24 @@ def _sweep(d: StudyData, sid: str, title: str, src: str, prefix: str, xlabel: st
     return sec
 
 
+@section("retention_vs_layer_threshold", "Fine-tuning only blocks ≥ t", "seed 000 Fig. 3a")
 def s000_fig3a(d: StudyData) -> Section:
-    return _sweep(d, "s000_fig3a", "Fine-tuning only blocks ≥ t", "seed 000 Fig. 3a", "threshold", "threshold t",
+    """Shows edited and intrinsic retention after fine-tuning only the blocks ≥ t, against t, one panel per edit ×
+    task × FT method (the edited blocks shaded), and a table; from the ``retained`` rows at stages ``edited`` and
+    ``finetuned`` of the edit+ft trials whose layer policy is ``threshold:t``."""
+    return _sweep(d, *meta(s000_fig3a), "threshold", "threshold t",
                   "needs layer_policy ∈ {threshold:t} (e.g. threshold:10, threshold:20, threshold:30, threshold:40) on "
                   "edit+ft trials with editors rome/ft edited at layer 1 (edit_layers: 1) — seed 000 Fig. 3a",
                   "Retention after fine-tuning only the blocks ≥ t (embeddings, final norm and head frozen); the shaded "
                   "band marks the edited blocks. Freezing the edited layers should raise edited retention.")
 
 
+@section("retention_vs_layer_window", "Fine-tuning a window of blocks", "seed 000 Fig. 3b")
 def s000_fig3b(d: StudyData) -> Section:
-    return _sweep(d, "s000_fig3b", "Fine-tuning a window of blocks", "seed 000 Fig. 3b", "window", "window centre c",
+    """Shows edited and intrinsic retention after fine-tuning a window of w blocks centred at c, against c, one
+    panel per edit × task × FT method × w (the edited blocks shaded), and a table; from the ``retained`` rows at
+    stages ``edited`` and ``finetuned`` of the edit+ft trials whose layer policy is ``window:c,w``."""
+    return _sweep(d, *meta(s000_fig3b), "window", "window centre c",
                   "needs layer_policy ∈ {window:c,5} with several centres c on edit+ft trials with editors rome/ft "
                   "edited at layer 10 (edit_layers: 10) — seed 000 Fig. 3b",
                   "Retention after fine-tuning a window of w blocks centred at c; the shaded band marks the edited "
@@ -399,9 +424,13 @@ _CATS = ("edited", "true", "related", "other")
 _CAT_COLORS = MappingProxyType({"edited": "C0", "true": "C1", "related": "C2", "other": "C3"})
 
 
+@section("token_category_mass", "Token-category mass during fine-tuning", "seed 000 Fig. 4")
 def s000_fig4(d: StudyData) -> Section:
-    """Token-category probability mass over fine-tuning (edited and intrinsic facts)."""
-    sid, title, src = "s000_fig4", "Token-category mass during fine-tuning", "seed 000 Fig. 4"
+    """Shows the probability mass on the edited target, the true target, related and other tokens over the
+    fine-tuning steps, for the edited and the intrinsic facts of up to four trials (ROME on unstructured first),
+    and a table of the first and last step; from the ``mass_{edited,intrinsic}_{category}`` curves of edit+ft
+    trials probed with token categories (bands over the units under protocol single)."""
+    sid, title, src = meta(s000_fig4)
     cands = [t for t in _prefer(d.of_kind("edit+ft"), "rome", "unstructured") if "mass_edited_edited" in d.curve_names(t.key)]
     if not cands:
         return _no_data(sid, title, src, "needs edit+ft trials with token-category probes (probes.token_categories: "
@@ -449,9 +478,13 @@ def _top_cells(raw: str | None) -> list[str]:
     return cells + [""] * (3 - len(cells))
 
 
+@section("top_tokens_during_ft", "Top-3 tokens of an edited fact during fine-tuning", "seed 000 Table 1")
 def s000_table1(d: StudyData) -> Section:
-    """Top-3 next tokens of one edited fact: original, post-edit, probes during FT."""
-    sid, title, src = "s000_table1", "Top-3 tokens of an edited fact during fine-tuning", "seed 000 Table 1"
+    """Shows, for the first probed fact of up to three edit+ft trials (one per editor, ROME on unstructured first),
+    the greedy first non-stop output of the original, edited and fine-tuned model and the top-3 next tokens at each
+    probe during fine-tuning; from the ``top_k`` fact rows at stages ``step:N`` and the outputs of the ``retained``
+    rows at stages ``base``, ``edited`` and ``finetuned``."""
+    sid, title, src = meta(s000_table1)
     cands = [t for t in _prefer(d.of_kind("edit+ft"), "rome", "unstructured")
              if any(s.startswith("step:") for s in d.stages(t.key, "edit", "top_k"))]
     if not cands:
@@ -477,9 +510,11 @@ def s000_table1(d: StudyData) -> Section:
     return sec
 
 
+@section("retention_after_sft", "Retention after instruction tuning (SFT)", "seed 000 Table 4")
 def s000_table4(d: StudyData) -> Section:
-    """Retention after SFT, edited vs intrinsic, per editor."""
-    sid, title, src = "s000_table4", "Retention after instruction tuning (SFT)", "seed 000 Table 4"
+    """Shows edited and intrinsic retention after supervised fine-tuning, one row per trial; from the ``finetuned``
+    ``retained`` rows of the edit+ft and zero-edit trials with task ``sft``."""
+    sid, title, src = meta(s000_table4)
     trials = [t for t in d.of_kind("edit+ft", "zero-edit") if t.task == "sft"]
     if not [t for t in trials if t.has_edit]:
         return _no_data(sid, title, src, "needs task sft edit+ft trials (seed 000 Table 4: model Llama3-8B, editors "
@@ -494,9 +529,12 @@ def s000_table4(d: StudyData) -> Section:
     return sec
 
 
+@section("retention_vs_edit_layer", "Retention vs edit layer", "seed 000 Fig. 5")
 def s000_fig5(d: StudyData) -> Section:
-    """Retention against the edit layer."""
-    sid, title, src = "s000_fig5", "Retention vs edit layer", "seed 000 Fig. 5"
+    """Shows edited and intrinsic retention after fine-tuning against the first edited block, one panel per
+    configuration that differs only in ``edit_layers``, and a table; from the ``finetuned`` ``retained`` rows of
+    the edit+ft trials (task sft first) whose ``edit_layers`` axis takes at least two values."""
+    sid, title, src = meta(s000_fig5)
 
     def key(t: TrialInfo) -> tuple:
         return (t.model, t.dataset, t.editor, t.n_edits, t.protocol, t.seed, t.task, t.ft_method, t.policy)
@@ -556,9 +594,13 @@ def selection_stats(d: StudyData, model_patterns: Sequence[str] | None = None) -
     return out
 
 
+@section("fact_selection", "Fact selection (confidence filter)", "seed 000 Table 3 (selection)")
 def s000_table3(d: StudyData) -> Section:
-    """The fact selection: set sizes, filter settings, base retention, confidence."""
-    sid, title, src = "s000_table3", "Fact selection (confidence filter)", "seed 000 Table 3 (selection)"
+    """Shows the fact selection per model and dataset (:func:`selection_stats`): the confidence filter and its
+    margin/mode, the sizes of the edit and intrinsic sets, their base retention and mean p(true)/p(second); from
+    every trial's selection settings, its ``base`` rows (``retained_true`` of the edit set, ``retained`` of the
+    intrinsic set, ``p_true``/``p_second``) or its units' ``selection`` info."""
+    sid, title, src = meta(s000_table3)
     stats = selection_stats(d)
     if not stats:
         return _no_data(sid, title, src, "needs edited trials (editor ≠ none) or a zero-edit baseline: the selection "
@@ -591,9 +633,12 @@ def s000_table3(d: StudyData) -> Section:
 
 
 # --- seed 001 -------------------------------------------------------------------------------------
+@section("edit_metrics_before_after_ft", "ES, PS, NS before and after fine-tuning", "seed 001 T1")
 def s001_t1(d: StudyData) -> Section:
-    """ES/PS/NS before and after fine-tuning per configuration."""
-    sid, title, src = "s001_t1", "ES, PS, NS before and after fine-tuning", "seed 001 T1"
+    """Shows ES, PS and NS in percent after editing and after fine-tuning per trial, with the NS of the same facts
+    on the base model and the NS drop caused by the edit (paired bootstrap); from the ``es``/``ps``/``ns`` edit-set
+    rows at stages ``base``, ``edited`` and ``finetuned`` of the edit-only and edit+ft trials."""
+    sid, title, src = meta(s001_t1)
     trials = _sorted_edit(d.of_kind("edit-only", "edit+ft"))
     if not trials:
         return _no_data(sid, title, src, "needs edited trials: editor ∈ {memit, alphaedit, …}, n_edits > 0, "
@@ -617,8 +662,11 @@ def s001_t1(d: StudyData) -> Section:
     return sec
 
 
+@section("es_before_after_ft", "ES before and after fine-tuning", "seed 001 Fig. 2")
 def s001_fig2(d: StudyData) -> Section:
-    sid, title, src = "s001_fig2", "ES before and after fine-tuning", "seed 001 Fig. 2"
+    """Shows ES after editing and after fine-tuning per edit+ft trial as a bar chart with 95% intervals; from the
+    ``es`` edit-set rows at stages ``edited`` and ``finetuned``."""
+    sid, title, src = meta(s001_fig2)
     trials = _sorted_edit(d.of_kind("edit+ft"))
     if not trials:
         return _no_data(sid, title, src, "needs edit+ft trials: editor ∈ {memit, alphaedit}, n_edits > 0 and "
@@ -631,8 +679,12 @@ def s001_fig2(d: StudyData) -> Section:
     return sec
 
 
+@section("decrease_rates", "Decrease rates", "seed 001 T2")
 def s001_t2(d: StudyData) -> Section:
-    sid, title, src = "s001_t2", "Decrease rates", "seed 001 T2"
+    """Shows the decrease rate (E_ed − E_ed_ft)/E_ed of ES and PS per edit+ft trial (paired bootstrap over facts),
+    then mean ± std of the ES decrease rate over configurations per model and overall; from the ``es``/``ps``
+    edit-set rows at stages ``edited`` and ``finetuned``."""
+    sid, title, src = meta(s001_t2)
     trials = _sorted_edit(d.of_kind("edit+ft"))
     if not trials:
         return _no_data(sid, title, src, "needs edit+ft trials (editor ≠ none, ft_method ≠ none)")
@@ -666,8 +718,12 @@ def _delta_efr_rows(d: StudyData, trials: Sequence[TrialInfo]) -> list[list[str]
     return rows
 
 
+@section("es_drop_and_forgetting_rate", "ΔES and edit forgetting rate", "seed 001 T3")
 def s001_t3(d: StudyData) -> Section:
-    sid, title, src = "s001_t3", "ΔES and edit forgetting rate", "seed 001 T3"
+    """Shows ΔES in points, the edit forgetting rate EFR = Pr(fail after FT | edit succeeded) and emergence =
+    Pr(success after FT | edit failed) per edit+ft trial; from the ``es`` and ``success`` edit-set rows at stages
+    ``edited`` and ``finetuned``."""
+    sid, title, src = meta(s001_t3)
     trials = _sorted_edit(d.of_kind("edit+ft"))
     if not trials:
         return _no_data(sid, title, src, "needs edit+ft trials (editor ≠ none, ft_method ≠ none)")
@@ -678,8 +734,12 @@ def s001_t3(d: StudyData) -> Section:
     return sec
 
 
+@section("fact_transitions", "Transitions of edited facts (with examples)", "seed 001 T4")
 def s001_t4(d: StudyData) -> Section:
-    sid, title, src = "s001_t4", "Transitions of edited facts (with examples)", "seed 001 T4"
+    """Shows how many edited facts are stable, erased, emergent or impossible from the edited to the fine-tuned
+    model per edit+ft trial (count and share with its interval), and up to three examples per class with the
+    base/edited/fine-tuned outputs for the first trials; from the trials' transition rows."""
+    sid, title, src = meta(s001_t4)
     trials = [t for t in _sorted_edit(d.of_kind("edit+ft")) if d.transitions(t.key)]
     if not trials:
         return _no_data(sid, title, src, "needs edit+ft trials (editor ≠ none, ft_method ≠ none): each writes one "
@@ -714,8 +774,14 @@ def s001_t4(d: StudyData) -> Section:
 _POLICIES = ("all", "edited", "non-edited")
 
 
+@section("selective_block_ft", "Selective fine-tuning of edited / non-edited blocks", "seed 001 T5")
 def s001_t5(d: StudyData) -> Section:
-    sid, title, src = "s001_t5", "Selective fine-tuning of edited / non-edited blocks", "seed 001 T5"
+    """Shows ES/PS/NS in percent and mean downstream accuracy of the base model, the edited model and fine-tuning
+    all / only the edited / only the non-edited blocks, one table per edit × task × FT method; from the
+    ``es``/``ps``/``ns`` rows (stages ``base``, ``edited``, ``finetuned``) of the edit+ft trials with layer
+    policies ``all``, ``edited`` and ``non-edited``, and the downstream rows of those trials, of the matching
+    edit-only trial and of the base model."""
+    sid, title, src = meta(s001_t5)
     groups = {k: ts for k, ts in group_by([t for t in d.of_kind("edit+ft") if t.policy in _POLICIES],
                                            lambda t: (t.edit_key(), t.task, t.ft_method)).items()
               if {t.policy for t in ts} & {"edited", "non-edited"}}
@@ -751,8 +817,12 @@ def _downstream_trials(d: StudyData) -> list[TrialInfo]:
     return [t for t in d.trials if d.downstream(t)]
 
 
+@section("downstream_accuracy", "Downstream accuracy (mean and per task)", "seed 001 T6 and per-task tables")
 def s001_t6(d: StudyData) -> Section:
-    sid, title, src = "s001_t6", "Downstream accuracy (mean and per task)", "seed 001 T6 and per-task tables"
+    """Shows each trial's mean downstream accuracy (bootstrap over items within tasks), its difference to the
+    reference trial (the zero-edit model with the same fine-tuning for edit+ft, the base model otherwise) and the
+    parse rate, then the accuracy per task; from the downstream rows of every trial that has them."""
+    sid, title, src = meta(s001_t6)
     trials = _downstream_trials(d)
     if not trials:
         return _no_data(sid, title, src, "needs a downstream: block in the spec (tasks: all, mode gen|ll, data_dir of "
@@ -787,8 +857,12 @@ def s001_t6(d: StudyData) -> Section:
     return sec
 
 
+@section("mend_under_ft", "MEND edits under fine-tuning", "seed 001 T14")
 def s001_t14(d: StudyData) -> Section:
-    sid, title, src = "s001_t14", "MEND edits under fine-tuning", "seed 001 T14"
+    """Shows ES of MEND edits after editing and after fine-tuning per trial and, for the fine-tuned ones, ΔES, EFR
+    and emergence; from the ``es``/``success`` edit-set rows (stages ``edited``, ``finetuned``) of the edit-only
+    and edit+ft trials with editor ``mend``."""
+    sid, title, src = meta(s001_t14)
     trials = _sorted_edit([t for t in d.of_kind("edit-only", "edit+ft") if t.editor == "mend"])
     if not trials:
         return _no_data(sid, title, src, "needs editor mend (seed 001 T14: n_edits ∈ {1000, 10000} × ft_method ∈ "
@@ -805,8 +879,12 @@ def s001_t14(d: StudyData) -> Section:
     return sec
 
 
+@section("hotpotqa_vs_commonsense", "HotpotQA vs Commonsense fine-tuning", "seed 001 T15")
 def s001_t15(d: StudyData) -> Section:
-    sid, title, src = "s001_t15", "HotpotQA vs Commonsense fine-tuning", "seed 001 T15"
+    """Shows ES after editing, after fine-tuning on Commonsense-170k and after fine-tuning on HotpotQA, with the
+    ΔES of each, for edits fine-tuned otherwise alike; from the ``es`` edit-set rows of edit+ft trials equal in
+    edit, FT method and layer policy with tasks ``commonsense`` and ``hotpotqa``."""
+    sid, title, src = meta(s001_t15)
     tasks = ("commonsense", "hotpotqa")
     groups = {k: ts for k, ts in group_by([t for t in d.of_kind("edit+ft") if t.task in tasks],
                                            lambda t: (t.edit_key(), t.ft_method, t.policy)).items()}
@@ -829,8 +907,13 @@ def s001_t15(d: StudyData) -> Section:
     return sec
 
 
+@section("downstream_degradation", "Downstream degradation (mean ± std)", "seed 001 T20")
 def s001_t20(d: StudyData) -> Section:
-    sid, title, src = "s001_t20", "Downstream degradation (mean ± std)", "seed 001 T20"
+    """Shows the downstream degradation (reference − trial mean accuracy in points, with its interval) per edited
+    trial, then mean ± std over configurations per model × FT method and overall; from the downstream rows of the
+    edit+ft and edit-only trials and of their reference (the zero-edit model with the same fine-tuning, or the base
+    model)."""
+    sid, title, src = meta(s001_t20)
     pairs = []
     for t in d.of_kind("edit+ft", "edit-only"):
         ref = d.reference_for(t)
@@ -856,8 +939,13 @@ def s001_t20(d: StudyData) -> Section:
     return sec
 
 
+@section("activation_drift", "Activation drift and displacement cosines per block", "seed 001 Fig. 3")
 def s001_fig3(d: StudyData) -> Section:
-    sid, title, src = "s001_fig3", "Activation drift and displacement cosines per block", "seed 001 Fig. 3"
+    """Shows the residual-stream distance at the last prompt token per block between pairs of models (raw and
+    max-normalised) and the cosines between their displacements, in panels per trial (the edited blocks shaded),
+    and a table of the peak block and the mean inside/outside the edited blocks; from the drift rows (``distance``
+    and ``cosine``) of the trials that recorded them (edit+ft first)."""
+    sid, title, src = meta(s001_fig3)
     trials = [t for t in d.trials if d.drift(t.key)]
     if not trials:
         return _no_data(sid, title, src, "needs a drift: block in the spec (prompts: edit, position: last) on edited "
@@ -923,8 +1011,13 @@ def _load_trace(path: Path) -> dict[str, Any] | None:
     return doc
 
 
+@section("causal_tracing", "Causal tracing (restoration effect per layer)", "seed 001 Figs. 6–7")
 def s001_fig67(d: StudyData) -> Section:
-    sid, title, src = "s001_fig67", "Causal tracing (restoration effect per layer)", "seed 001 Figs. 6–7"
+    """Shows the causal-tracing restoration effect per layer (overall block output, MLP, attention) with intervals
+    over the traced facts, one panel per recorded trace, and the peak layer of each; from the store's artefacts of
+    kind ``trace``/``tracing`` (``editdecay trace``'s trace.json or ``FactsTrace.to_json()`` files), not from trial
+    rows."""
+    sid, title, src = meta(s001_fig67)
     arts = d.artefacts("trace") + d.artefacts("tracing")
     base = d.store.path.parent
     docs = []
@@ -991,8 +1084,13 @@ def ttest_groups(d: StudyData, model_patterns: Sequence[str] | None = None) -> d
     return out
 
 
+@section("significance_tests", "Significance: paired t-tests and McNemar", "seed 001 Fig. 9")
 def s001_fig9(d: StudyData) -> Section:
-    sid, title, src = "s001_fig9", "Significance: paired t-tests and McNemar", "seed 001 Fig. 9"
+    """Shows the paired t-test of ES after editing vs after fine-tuning over configurations per model × FT method
+    and pooled per FT method (:func:`ttest_groups`; table and p-value heatmap), then McNemar's test per trial on
+    the facts' success after editing vs after fine-tuning; from the ``es`` and ``success`` edit-set rows at stages
+    ``edited`` and ``finetuned`` of the edit+ft trials."""
+    sid, title, src = meta(s001_fig9)
     eft = d.of_kind("edit+ft")
     if not eft:
         return _no_data(sid, title, src, "needs edit+ft trials; the paired t-test needs ≥ 2 configurations per model × "
@@ -1125,8 +1223,13 @@ def _study_value(d: StudyData, entry: dict[str, Any]) -> list[tuple[str, Interva
     return out
 
 
+@section("repro", "Reproduction check against published values", "reference card (seed 000, seed 001 T9)")
 def reproduction(d: StudyData) -> Section:
-    sid, title, src = "repro", "Reproduction check against published values", "reference card (seed 000, seed 001 T9)"
+    """Shows every published value of the reference card (``published.yaml``) beside the study's value for the
+    trials of the same configuration, and whether it lies inside the study's 95% interval; from the
+    ``es``/``ps``/``ns``/``retained`` rows of the matching edit-only and edit+ft trials, the selection statistics
+    (mean p(true)/p(second)) and the pooled paired t-tests (p-values)."""
+    sid, title, src = meta(reproduction)
     entries = published_values()
     rows, matched = [], 0
     for e in entries:
@@ -1161,52 +1264,25 @@ def reproduction(d: StudyData) -> Section:
 
 
 # --- all sections -------------------------------------------------------------------------------
-from .findings import budget_section, findings_section  # noqa: E402 - they build on this module's objects
-from .preserve import preserve_section  # noqa: E402
-from .reedit import reedit_section  # noqa: E402
+# importing them registers their sections (they build on this module's objects); the names stay importable here
+from .findings import budget_section, findings_section  # noqa: F401
+from .preserve import preserve_section  # noqa: F401
+from .reedit import reedit_section  # noqa: F401
 
-SECTIONS: tuple[tuple[str, Callable[[StudyData], Section]], ...] = (
-    ("overview", overview),
-    ("summary", headline),
-    ("findings", findings_section),
-    ("retention_curves", retention_curves),
-    ("budget_curves", budget_section),
-    ("preserve", preserve_section),
-    ("reedit", reedit_section),
-    ("s000_fig2", s000_fig2),
-    ("s000_fig3a", s000_fig3a),
-    ("s000_fig3b", s000_fig3b),
-    ("s000_fig4", s000_fig4),
-    ("s000_table1", s000_table1),
-    ("s000_table4", s000_table4),
-    ("s000_fig5", s000_fig5),
-    ("s000_table3", s000_table3),
-    ("s001_t1", s001_t1),
-    ("s001_fig2", s001_fig2),
-    ("s001_t2", s001_t2),
-    ("s001_t3", s001_t3),
-    ("s001_t4", s001_t4),
-    ("s001_t5", s001_t5),
-    ("s001_t6", s001_t6),
-    ("s001_t14", s001_t14),
-    ("s001_t15", s001_t15),
-    ("s001_t20", s001_t20),
-    ("s001_fig3", s001_fig3),
-    ("s001_fig67", s001_fig67),
-    ("s001_fig9", s001_fig9),
-    ("repro", reproduction),
-)
+#: ``(id, function)`` of every section registered when this module loaded, in report order
+#: (kept for compatibility; the registry itself is :func:`~editdecay.report.registry.registered`).
+SECTIONS: tuple[tuple[str, Callable[[StudyData], Section]], ...] = tuple((s.id, s.fn) for s in registered())
 
 
 def build_sections(d: StudyData) -> list[Section]:
-    """Every section in report order; a section that raises becomes an error note."""
+    """Every registered section in report order; a section that raises becomes an error note."""
     out = []
-    for sid, fn in SECTIONS:
+    for spec in registered():
         try:
-            out.append(fn(d))
+            out.append(spec.fn(d))
         except Exception as e:
-            log.exception("report section %s failed", sid)
-            out.append(Section(sid, sid, "", error=f"{type(e).__name__}: {e}",
+            log.exception("report section %s failed", spec.id)
+            out.append(Section(spec.id, spec.title, spec.source, error=f"{type(e).__name__}: {e}",
                                missing=f"this section failed to render ({type(e).__name__}: {e})"))
     return out
 

@@ -1,6 +1,8 @@
-"""``editdecay inspect``: which blocks of a model were edited, how many edits, which facts.
+"""``editdecay inspect``: which blocks of a model were edited, how many edits, which facts;
+``editdecay reedit``: re-apply the edits that fine-tuning undid.
 
-Registered in :mod:`editdecay.cli`; the analysis is :mod:`editdecay.forensics`.
+Registered in :mod:`editdecay.cli`; the analysis is :mod:`editdecay.forensics`, the
+re-edit :func:`editdecay.editing.protocols.reedit`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import EditdecayError
+from ..errors import EditdecayError
+from .options import DeviceOpt, JsonOpt
+from .output import load_stage, print_table, write_json
 
 
 def inspect(
@@ -22,8 +26,8 @@ def inspect(
     adapter_on: Annotated[Optional[str], typer.Option(help="When --suspect is an adapter: the model it was trained on (default: --base).")] = None,
     outlier_ratio: Annotated[float, typer.Option(min=1.0, help="After fine-tuning: a block is edited when σ₁ of its rewrite diff is this many times the other blocks' median.")] = 3.0,
     top_k: Annotated[int, typer.Option(min=1, help="Facts listed in the table.")] = 10,
-    device: Annotated[Optional[str], typer.Option(help="Device (default: cuda if available, else cpu).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document (schema in this help) instead of a table.")] = False,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Edit forensics: per block of SUSPECT, was it edited by a locate-then-edit method,
     fine-tuned or left unchanged, judged from the singular values of W_suspect − W_base.
@@ -37,37 +41,36 @@ def inspect(
     (best match first), "base_free": [{"block", "score", "log_gap"}]}. Without --base
     only "base_free" is filled. "score" is null for an isolated edit (no background).
     """
-    from .cli import _load_stage, _print_table, _write_json
-    from .facts.datasets import load_facts
-    from .forensics import Inspection, inspect_models, spectral_anomaly
+    from ..facts.datasets import load_facts
+    from ..forensics import Inspection, inspect_models, spectral_anomaly
 
     if base is None and facts is not None:
         raise EditdecayError("--facts needs --base (facts are matched against the weight difference)")
     cands = load_facts(facts) if facts is not None else []
     if base is None:
-        s, _ = _load_stage(suspect, device=device)
+        s, _ = load_stage(suspect, device=device)
         ins = Inspection([], [], {}, base_free=spectral_anomaly(s))
     else:
-        b = _load_stage(base, device=device)
-        on = _load_stage(adapter_on, device=device) if adapter_on else b
-        s, _ = _load_stage(suspect, on, device)
+        b = load_stage(base, device=device)
+        on = load_stage(adapter_on, device=device) if adapter_on else b
+        s, _ = load_stage(suspect, on, device)
         ins = inspect_models(b[0], s, b[1], cands, outlier_ratio=outlier_ratio)
     doc = {"base": base, "suspect": suspect, **ins.to_json()}
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "inspect.json", doc)
+    write_json(out / "inspect.json", doc)
     if as_json:
         typer.echo(json.dumps(doc))
         return
     if base is not None:
         rows = [[str(v.block), v.verdict, v.signature, "∞" if v.score == float("inf") else f"{v.score:.1f}",
                  str(v.rank), str(v.n_edits)] for v in ins.blocks if v.verdict != "unchanged"]
-        _print_table(f"blocks of {suspect} against {base}", ["block", "verdict", "signature", "score", "rank", "edits"],
-                     rows, f"edited blocks {ins.edited_blocks}, estimated edits {ins.n_edits}; "
-                     f"{sum(v.verdict == 'unchanged' for v in ins.blocks)} blocks unchanged; wrote {out / 'inspect.json'}")
+        print_table(f"blocks of {suspect} against {base}", ["block", "verdict", "signature", "score", "rank", "edits"],
+                    rows, f"edited blocks {ins.edited_blocks}, estimated edits {ins.n_edits}; "
+                    f"{sum(v.verdict == 'unchanged' for v in ins.blocks)} blocks unchanged; wrote {out / 'inspect.json'}")
     if ins.facts:
-        _print_table(f"best-matching facts (of {len(ins.facts)})", ["case", "subject", "score", "block", "base → suspect"],
-                     [[f.case_id, f.subject, f"{f.score:.3f}", str(f.block), f"{f.answer_base!r} → {f.answer_suspect!r}"]
-                      for f in ins.facts[:top_k]])
+        print_table(f"best-matching facts (of {len(ins.facts)})", ["case", "subject", "score", "block", "base → suspect"],
+                    [[f.case_id, f.subject, f"{f.score:.3f}", str(f.block), f"{f.answer_base!r} → {f.answer_suspect!r}"]
+                     for f in ins.facts[:top_k]])
     top = sorted(ins.base_free, key=lambda r: -r["score"])[:3]
     typer.echo("base-free spectral score, highest blocks: " + ", ".join(f"{r['block']} ({r['score']:+.2f})" for r in top))
 
@@ -81,8 +84,8 @@ def reedit(
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Facts per editor call (default: all at once).")] = None,
     scratch: Annotated[bool, typer.Option(help="Also time editing every fact again from scratch on the fine-tuned model.")] = True,
     save_model: Annotated[Optional[Path], typer.Option(help="Save the re-edited model here.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="Device (default: cuda if available, else cpu).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document (schema in this help) instead of a table.")] = False,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Re-apply the edits that fine-tuning undid (seed 001's re-edit cost, measured).
 
@@ -96,11 +99,10 @@ def reedit(
     the decayed facts}, "all": {rates over every fact}}, "scratch": {same} | null,
     "original": {"method", "seconds_per_fact", "seconds"} | null}.
     """
-    from .cli import _load_stage, _print_table, _write_json
-    from .editing import get_editor
-    from .editing.protocols import reedit as run_reedit
-    from .facts.datasets import load_facts
-    from .models import save_model as save_model_dir
+    from ..editing import get_editor
+    from ..editing.protocols import reedit as run_reedit
+    from ..facts.datasets import load_facts
+    from ..models import save_model as save_model_dir
 
     info_path = from_finetune / "finetune.json"
     if not info_path.is_file():
@@ -122,8 +124,8 @@ def reedit(
     name = method or edit_meta.get("method")
     if not name:
         raise EditdecayError(f"{ident_path}: the editor is not recorded; pass --method")
-    edited = _load_stage(str(from_finetune), _load_stage(src, device=device) if (from_finetune / "adapter").is_dir() else None,
-                         device)
+    edited = load_stage(str(from_finetune), load_stage(src, device=device) if (from_finetune / "adapter").is_dir() else None,
+                        device)
     model, tok = edited
     editor = get_editor(name, preset=preset or (edit_meta.get("preset") if name == edit_meta.get("method") else None),
                         model=model)
@@ -133,7 +135,7 @@ def reedit(
            "original": {"method": edit_meta.get("method"), "seconds_per_fact": spf,
                         "seconds": spf * len(edit_set) if spf is not None else None} if edit_meta else None}
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "reedit.json", doc)
+    write_json(out / "reedit.json", doc)
     if save_model is not None:
         save_model_dir(model, tok, save_model, {"reedit": {"from_finetune": str(from_finetune), "method": name,
                                                            "case_ids": doc["decayed"]}})
@@ -152,7 +154,7 @@ def reedit(
             cells("edit every fact from scratch", doc["scratch"], (doc["scratch"] or {}).get("seconds")),
             ["original edit (base model)", str(len(edit_set)), "—" if o.get("seconds") is None else f"{o['seconds']:.1f}",
              "—", "—"]]
-    _print_table(f"re-edit cost: {len(doc['decayed'])} of {doc['n_facts']} edits decayed "
-                 f"(ES {doc['finetuned']['es']:.2f} after fine-tuning)",
-                 ["pass", "facts edited", "seconds", "success on decayed", "success on all"], rows,
-                 f"wrote {out / 'reedit.json'}")
+    print_table(f"re-edit cost: {len(doc['decayed'])} of {doc['n_facts']} edits decayed "
+                f"(ES {doc['finetuned']['es']:.2f} after fine-tuning)",
+                ["pass", "facts edited", "seconds", "success on decayed", "success on all"], rows,
+                f"wrote {out / 'reedit.json'}")
