@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..facts.record import FactRecord
 from ..models.arch import get_arch
@@ -108,7 +109,7 @@ class ROME(LocateEditor):
         if hp.mom2_adjustment:
             self.covariances(model, tokenizer, sorted(set(hp.layers)))  # one corpus pass for all layers
         try:
-            for req in requests:
+            for req in tqdm(requests, desc="rome edits", unit="fact", leave=False, disable=len(requests) < 2):
                 for layer in sorted(set(hp.layers)):
                     rlog, upd = self._edit_one(model, tokenizer, req, layer, templates, steps_factor)
                     logs.append(rlog)
