@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import EditdecayError
+from ..registry import Registry
 from .hparams import from_dict, load_preset
 
 Resolver = Callable[[str | None, dict | None, nn.Module | None], tuple[Any, dict]]
@@ -51,11 +51,17 @@ def preset_resolver(name: str, hparams: type) -> Resolver:
     return resolve
 
 
-class EditorRegistry(Mapping[str, EditorEntry]):
+class EditorRegistry(Registry[EditorEntry]):
     """Maps a method name to its :class:`EditorEntry`."""
 
-    def __init__(self) -> None:
-        self._entries: dict[str, EditorEntry] = {}
+    kind = "editor"
+
+    def describe(self, entry: EditorEntry) -> str:
+        return entry.cls.__name__
+
+    def unknown(self, name: str) -> str:
+        return (f"unknown editing method {name!r}: available {', '.join(sorted(self))}; add one with "
+                "editdecay.editing.register_editor(name, cls=..., hparams=...)")
 
     def register(self, name: str, *, cls: type, hparams: type | None = None, resolve: Resolver | None = None,
                  checkpoint: bool = False, overwrite: bool = False) -> EditorEntry:
@@ -66,33 +72,8 @@ class EditorRegistry(Mapping[str, EditorEntry]):
             raise TypeError(f"editor {name!r}: {cls!r} has no edit(model, tokenizer, requests) method")
         if hparams is None or not dataclasses.is_dataclass(hparams):
             raise TypeError(f"editor {name!r}: hparams must be a dataclass of hyperparameters, got {hparams!r}")
-        if name in self._entries and not overwrite:
-            raise ValueError(f"editor {name!r} is already registered ({self._entries[name].cls.__name__})")
-        entry = EditorEntry(name, cls, hparams, resolve or preset_resolver(name, hparams), checkpoint)
-        self._entries[name] = entry
-        return entry
-
-    def unregister(self, name: str) -> None:
-        """Remove ``name`` (for tests and plugins that replace an editor)."""
-        self._entries.pop(name, None)
-
-    def __getitem__(self, name: str) -> EditorEntry:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise EditdecayError(
-                f"unknown editing method {name!r}: available {', '.join(sorted(self._entries))}; add one with "
-                "editdecay.editing.register_editor(name, cls=..., hparams=...)"
-            ) from None
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        return self._add(name, EditorEntry(name, cls, hparams, resolve or preset_resolver(name, hparams), checkpoint),
+                         overwrite)
 
 
 #: The process-wide editor registry (extend with :func:`register_editor`).

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import DataError, EditdecayError
+from ...registry import Registry
 from ...facts.record import FactRecord
 from ...torch_utils import device_of, pad_id
 from ..hygiene import HygieneReport, hygiene_keep
@@ -370,11 +371,17 @@ class TaskEntry:
     """Default tokens per example; None where the task has no cutoff."""
 
 
-class TaskRegistry(Mapping[str, TaskEntry]):
+class TaskRegistry(Registry[TaskEntry]):
     """Maps a task name to its :class:`TaskEntry` (in registration order)."""
 
-    def __init__(self) -> None:
-        self._entries: dict[str, TaskEntry] = {}
+    kind = "task"
+
+    def describe(self, entry: TaskEntry) -> str:
+        return entry.loader.__qualname__
+
+    def unknown(self, name: str) -> str:
+        return (f"unknown task {name!r}: available tasks: {', '.join(self)}; add one with "
+                "editdecay.finetune.tasks.register_task(name, loader=..., n_val=..., cutoff=...)")
 
     def register(self, name: str, *, loader: Loader, n_val: int, cutoff: int | None = None,
                  overwrite: bool = False) -> TaskEntry:
@@ -386,33 +393,7 @@ class TaskRegistry(Mapping[str, TaskEntry]):
             raise ValueError(f"task {name!r}: n_val must be an int >= 1, got {n_val!r}")
         if cutoff is not None and (not isinstance(cutoff, int) or cutoff < 2):
             raise ValueError(f"task {name!r}: cutoff must be None or an int >= 2, got {cutoff!r}")
-        if name in self._entries and not overwrite:
-            raise ValueError(f"task {name!r} is already registered ({self._entries[name].loader.__qualname__})")
-        entry = TaskEntry(name, loader, n_val, cutoff)
-        self._entries[name] = entry
-        return entry
-
-    def unregister(self, name: str) -> None:
-        """Remove ``name`` (for tests and plugins that replace a task)."""
-        self._entries.pop(name, None)
-
-    def __getitem__(self, name: str) -> TaskEntry:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise EditdecayError(
-                f"unknown task {name!r}: available tasks: {', '.join(self._entries)}; add one with "
-                "editdecay.finetune.tasks.register_task(name, loader=..., n_val=..., cutoff=...)"
-            ) from None
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        return self._add(name, TaskEntry(name, loader, n_val, cutoff), overwrite)
 
 
 #: The process-wide task registry (extend with :func:`register_task`).
