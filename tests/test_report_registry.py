@@ -109,7 +109,7 @@ def test_a_duplicate_id_raises(toy):
     toy("toy_dup")
     with pytest.raises(DuplicateSectionError, match="'toy_dup' is already registered"):
         section("toy_dup", "Another")(lambda d: None)
-    with pytest.raises(DuplicateSectionError, match="'overview' is already registered by .*sections.overview"):
+    with pytest.raises(DuplicateSectionError, match="'overview' is already registered by .*report.overview.overview"):
         section("overview", "Study overview")(lambda d: None)
     assert get("overview").fn is overview and get("toy_dup").title == "Toy section toy_dup"
 

@@ -23,11 +23,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..evaluate.significance import Interval, SignificanceInputError, mcnemar, paired_ttest
+from ..evaluate.significance import (
+    Interval,
+    SignificanceInputError,
+    mcnemar,
+    paired_ttest,
+)
 from ..evaluate.stages import efr
 from . import figures as F
-from .data import NAN_INTERVAL, StudyData, TrialInfo, axes_but, binary, defined, fmt, fmt_p, mean_ci, paired_ci
-from .registry import order_of, section
+from .common import MAX_PANELS, Figure, Section, Table, _no_data
+from .data import (
+    NAN_INTERVAL,
+    StudyData,
+    TrialInfo,
+    axes_but,
+    binary,
+    defined,
+    fmt,
+    fmt_p,
+    mean_ci,
+    paired_ci,
+)
+from .registry import meta, order_of, section
 
 ALPHA = 0.05
 EQUIVALENCE_MARGIN = 0.10
@@ -342,7 +359,6 @@ def budget_section(d: StudyData):
     zero-edit twin's intrinsic retention, ES/PS/NS, EFR, margin and the Fisher test of intrinsic vs edited
     retention (:func:`budget_rows`), with retention against training tokens; from the ``step:N`` fact rows and the
     ``tokens`` curve of the edit+ft and zero-edit trials whose ``finetune.budget`` is set."""
-    from .sections import MAX_PANELS, Figure, Section, Table, _no_data, meta
 
     sid, title, src = meta(budget_section)
     trials = budget_trials(d)
@@ -389,7 +405,6 @@ def findings_section(d: StudyData):
     per comparison the effect with its interval, p, test and verdict, and an edit-strength table (margin after the
     edit beside ES decay and EFR); from the ``retained``/``success``/``margin`` edit-set rows of the plain
     fine-tuning edit+ft trials, single or paired with a trial that differs in one axis."""
-    from .sections import Section, Table, _no_data, meta
 
     sid, title, src = meta(findings_section)
     fs = findings(d)

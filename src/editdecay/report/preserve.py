@@ -12,8 +12,19 @@ from __future__ import annotations
 import math
 
 from ..evaluate.significance import mcnemar
-from .data import NAN_INTERVAL, StudyData, TrialInfo, axes_but, binary, defined, fmt, fmt_p, paired_ci
-from .registry import order_of, section
+from .common import Section, Table, _no_data
+from .data import (
+    NAN_INTERVAL,
+    StudyData,
+    TrialInfo,
+    axes_but,
+    binary,
+    defined,
+    fmt,
+    fmt_p,
+    paired_ci,
+)
+from .registry import meta, order_of, section
 
 
 def final_val(d: StudyData, t: TrialInfo, name: str = "val_loss") -> float:
@@ -50,7 +61,6 @@ def preserve_section(d: StudyData):
     retention after fine-tuning, its paired gain over plain fine-tuning with McNemar p, intrinsic retention, the
     final validation loss with its change vs plain, and seconds per step (:func:`preserve_groups`); from the
     ``finetuned`` ``retained`` rows, the ``val_loss`` curve and the ``finetune_seconds``/``steps`` metrics."""
-    from .sections import Section, Table, _no_data, meta
 
     sid, title, src = meta(preserve_section)
     groups = preserve_groups(d)

@@ -4,8 +4,9 @@ against the original edit (the study's ``reedit`` stage)."""
 
 from __future__ import annotations
 
+from .common import Section, Table, _no_data, _rate_iv
 from .data import StudyData, fmt
-from .registry import order_of, section
+from .registry import meta, order_of, section
 
 
 def _secs(x: float | None) -> str:
@@ -19,7 +20,6 @@ def reedit_section(d: StudyData):
     success on them, ES of all facts after fine-tuning → after re-editing, editing every fact from scratch on the
     fine-tuned model, and the original edit's seconds; from the units' ``reedit`` info and the ``edit_seconds``
     metric rows."""
-    from .sections import Section, Table, _no_data, _rate_iv, meta
 
     sid, title, src = meta(reedit_section)
     rows = []
