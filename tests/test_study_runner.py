@@ -246,3 +246,30 @@ def test_base_and_edited_stages_are_scored_once_per_weights(tiny_dir, tmp_path, 
     fresh = Worker(spec.base_dir, progress=False).run_unit(both, unit)
     rows = lambda r: sorted((f.case_id, f.fact_set, f.stage, f.metric, f.value) for f in r.facts if f.stage in ("base", "edited"))
     assert rows(shared) == rows(fresh) and rows(shared)
+
+
+def test_an_edit_cache_lets_a_fresh_worker_skip_the_edit(tiny_dir, tmp_path, monkeypatch):
+    """With ``edit_cache`` an edit computed by one worker is loaded by a fresh one (another
+    run or study): the editor is not called again and the edited weights and rows are the same."""
+    import editdecay.study.runner as runner
+
+    spec = StudySpec.from_yaml(write_tiny_spec(tmp_path, tiny_dir))
+    trials = {t.kind: t for t in spec.expand()}
+    only, both = trials["edit-only"].config, trials["edit+ft"].config
+    cache = tmp_path / "cache"
+    first = runner.Worker(spec.base_dir, progress=False, edit_cache=cache)
+    unit, other = first.unit_ids(only)[:2]
+    rows_first = first.run_unit(only, unit)
+    entries = list((cache / "edits").iterdir())
+    assert len(entries) == 1 and (entries[0] / "params.safetensors").exists()
+
+    calls = []
+    real = runner._apply_edit
+    monkeypatch.setattr(runner, "_apply_edit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fresh = runner.Worker(spec.base_dir, progress=False, edit_cache=cache)
+    rows_both = fresh.run_unit(both, unit)
+    assert calls == []  # loaded, not edited again
+    edited = lambda r: sorted((f.case_id, f.fact_set, f.metric, f.value) for f in r.facts if f.stage == "edited")
+    assert edited(rows_both) == edited(rows_first) and edited(rows_first)
+    fresh.run_unit(only, other)  # another fact: a miss, edited and stored
+    assert calls == [1] and len(list((cache / "edits").iterdir())) == 2

@@ -83,6 +83,7 @@ def run(
     ray_address: Annotated[Optional[str], typer.Option(help="Address of a running Ray cluster (default: start a local one).")] = None,
     max_parallel: Annotated[int, typer.Option(min=1, help="Units in flight at once (Ray actors).")] = 1,
     device: DeviceOpt = None,
+    edit_cache: Annotated[Optional[Path], typer.Option(help="Keep every computed edit in this folder and load an edit found there instead of editing again (same editor settings, facts, model and editdecay version; shared by studies and runs).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run every unfinished unit of a study; finished units are skipped, failures are
@@ -96,7 +97,8 @@ def run(
 
     s = StudySpec.from_yaml(spec)
     db = db or spec.with_suffix(".db")
-    summary = run_study(s, db, executor=executor, max_parallel=max_parallel, ray_address=ray_address, device=device)
+    summary = run_study(s, db, executor=executor, max_parallel=max_parallel, ray_address=ray_address, device=device,
+                        edit_cache=edit_cache)
     with Store(db) as store:
         status = store.status_counts(summary.study_id)
     doc = {"db": str(db), "study_id": summary.study_id, "done": summary.done, "failed": summary.failed,

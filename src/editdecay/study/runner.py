@@ -15,6 +15,7 @@ actors, each a worker with the spec's CPU/GPU requests; the driver writes result
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -61,11 +62,15 @@ class FactSets:
 class Worker:
     """Executes units; keeps loaded models, fact selections, tasks and base metrics.
 
-    ``base_dir`` resolves the spec's relative paths; ``device`` places models.
+    ``base_dir`` resolves the spec's relative paths; ``device`` places models;
+    ``edit_cache`` (a folder) keeps every computed edit on disk (:class:`EditCache`), so a
+    later run or another study with the same edit loads it instead of editing again.
     """
 
-    def __init__(self, base_dir: str | Path = ".", device: str | None = None, progress: bool = True) -> None:
+    def __init__(self, base_dir: str | Path = ".", device: str | None = None, progress: bool = True,
+                 edit_cache: str | Path | None = None) -> None:
         self.base_dir = Path(base_dir)
+        self.edit_cache = Path(edit_cache).expanduser() if edit_cache is not None else None
         self.device = device
         self.progress = progress
         self._models: dict[str, _Loaded] = {}
@@ -232,6 +237,10 @@ class Worker:
             if edit.get("layers"):
                 overrides["layers"] = list(edit["layers"])
             ekey = repr((cfg["model"], sorted(edit.items()), [f.case_id for f in sets.edit]))
+            disk = EditCache(self.edit_cache, ekey, model) if self.edit_cache is not None else None
+            if ekey not in self._edits and disk is not None and (hit := disk.load()) is not None:
+                self._edits[ekey] = hit
+                info["edit_cache"] = str(disk.path)
             if ekey in self._edits:  # the same edit as an earlier trial (edit-only and edit+ft share it)
                 deltas, edited_layers, dropped, secs, preset_name = self._edits[ekey]
                 _reapply(model, deltas)
@@ -241,6 +250,8 @@ class Worker:
                 edited_layers, dropped = _apply_edit(editor, model, tok, sets.edit, edit, probe_cfg.get("mode", "greedy"))
                 secs, preset_name = time.perf_counter() - te, getattr(editor, "preset_info", {}).get("preset")
                 self._edits[ekey] = (_changed(model, ld.pristine), edited_layers, dropped, secs, preset_name)
+                if disk is not None:
+                    disk.save(self._edits[ekey])
             info.update(edited_layers=edited_layers, dropped=dropped, edit_seconds=round(secs, 2), editor_preset=preset_name)
             rows.metric("edit_seconds", secs, stage="edited")
             edited_scores = rows.stage("edited", model, tok, probe_cfg, memo=self._scores, key=("edited", skey, ekey))
@@ -347,6 +358,44 @@ def _apply_edit(editor, model, tok, facts: list[FactRecord], edit: dict[str, Any
     for i in range(0, len(facts), size):
         layers |= set(editor.edit(model, tok, facts[i : i + size]).edited_layers(model))
     return sorted(layers), []
+
+
+class EditCache:
+    """One edit on disk: the changed parameters (safetensors) and what the runner records
+    about the edit (edited layers, dropped facts, seconds, preset), under
+    ``root/edits/<sha256 of the edit's settings, its facts, the model's identity (see
+    :func:`~editdecay.models.loading.model_identity`) and the editdecay version>``.
+    Written atomically, so an interrupted run leaves no half-written entry."""
+
+    def __init__(self, root: Path, ekey: str, model) -> None:
+        from .. import __version__
+        from ..models.loading import model_identity
+
+        h = hashlib.sha256(repr((ekey, model_identity(model), __version__)).encode()).hexdigest()[:24]
+        self.path = root / "edits" / h
+
+    def load(self) -> tuple | None:
+        if not (self.path / "meta.json").exists():
+            return None
+        from safetensors.torch import load_file
+
+        meta = json.loads((self.path / "meta.json").read_text(encoding="utf-8"))
+        deltas = load_file(str(self.path / "params.safetensors"))
+        log.info("edit loaded from %s", self.path)
+        return deltas, meta["edited_layers"], meta["dropped"], meta["seconds"], meta["preset"]
+
+    def save(self, entry: tuple) -> None:
+        if self.path.exists():
+            return
+        from safetensors.torch import save_file
+
+        from ..cache import atomic_dir
+
+        deltas, edited_layers, dropped, secs, preset_name = entry
+        with atomic_dir(self.path) as tmp:
+            save_file({k: v.contiguous() for k, v in deltas.items()}, str(tmp / "params.safetensors"))
+            (tmp / "meta.json").write_text(json.dumps({"edited_layers": edited_layers, "dropped": dropped,
+                                                       "seconds": secs, "preset": preset_name}), encoding="utf-8")
 
 
 def _changed(model, pristine: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -527,8 +576,10 @@ def _units(store: Store, study_id: int, worker_ids: Callable[[dict], list[str]])
 
 
 def run_study(spec: StudySpec, db: str | Path, *, executor: str = "local", max_parallel: int = 1,
-              ray_address: str | None = None, device: str | None = None, progress: bool = True) -> RunSummary:
-    """Run every unit of ``spec`` that is not done in ``db``; returns counts."""
+              ray_address: str | None = None, device: str | None = None, progress: bool = True,
+              edit_cache: str | Path | None = None) -> RunSummary:
+    """Run every unit of ``spec`` that is not done in ``db``; returns counts. ``edit_cache``:
+    a folder where edits are kept and looked up (:class:`EditCache`)."""
     if executor not in EXECUTORS:
         raise EditdecayError(f"unknown executor {executor!r}: use one of {', '.join(EXECUTORS)}")
     store = Store(db)
@@ -539,7 +590,7 @@ def run_study(spec: StudySpec, db: str | Path, *, executor: str = "local", max_p
     t0 = time.perf_counter()
     base_dir = spec.base_dir or Path(".")
     if executor == "local":
-        worker = Worker(base_dir, device=device, progress=progress)
+        worker = Worker(base_dir, device=device, progress=progress, edit_cache=edit_cache)
         pending = list(_units(store, sid, worker.unit_ids))
         bar = tqdm(pending, desc=f"study {spec.name}", unit="unit", disable=not progress)
         for key, cfg, unit in bar:
@@ -554,7 +605,7 @@ def run_study(spec: StudySpec, db: str | Path, *, executor: str = "local", max_p
             store.write_unit(key, unit, rows, seconds=time.perf_counter() - tu, provenance=_provenance(cfg))
             summary.done += 1
     else:
-        _run_ray(spec, store, sid, summary, base_dir, max_parallel, ray_address, device, progress)
+        _run_ray(spec, store, sid, summary, base_dir, max_parallel, ray_address, device, progress, edit_cache)
     summary.seconds = time.perf_counter() - t0
     store.close()
     return summary
@@ -578,7 +629,7 @@ def _provenance(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_ray(spec: StudySpec, store: Store, sid: int, summary: RunSummary, base_dir: Path, max_parallel: int,
-             ray_address: str | None, device: str | None, progress: bool) -> None:
+             ray_address: str | None, device: str | None, progress: bool, edit_cache: str | Path | None = None) -> None:
     try:
         import ray
     except ImportError:
@@ -590,7 +641,8 @@ def _run_ray(spec: StudySpec, store: Store, sid: int, summary: RunSummary, base_
     if spec.resources.memory_gb:
         opts["memory"] = int(spec.resources.memory_gb * 2**30)
     actor_cls = ray.remote(**opts)(_RayWorker)
-    actors = [actor_cls.remote(str(base_dir), device) for _ in range(max(1, max_parallel))]
+    cache = str(edit_cache) if edit_cache is not None else None
+    actors = [actor_cls.remote(str(base_dir), device, cache) for _ in range(max(1, max_parallel))]
     ids_worker = Worker(base_dir, device=device, progress=False)  # single-protocol unit ids (selection on the driver)
     pending = list(_units(store, sid, ids_worker.unit_ids))
     del ids_worker
@@ -623,8 +675,8 @@ def _run_ray(spec: StudySpec, store: Store, sid: int, summary: RunSummary, base_
 class _RayWorker:
     """A Ray actor around :class:`Worker` (models stay loaded across its units)."""
 
-    def __init__(self, base_dir: str, device: str | None) -> None:
-        self.worker = Worker(base_dir, device=device, progress=False)
+    def __init__(self, base_dir: str, device: str | None, edit_cache: str | None = None) -> None:
+        self.worker = Worker(base_dir, device=device, progress=False, edit_cache=edit_cache)
 
     def run(self, cfg: dict[str, Any], unit: str) -> UnitRows:
         return self.worker.run_unit(cfg, unit)
