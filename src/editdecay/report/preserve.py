@@ -61,7 +61,6 @@ def preserve_section(d: StudyData):
     retention after fine-tuning, its paired gain over plain fine-tuning with McNemar p, intrinsic retention, the
     final validation loss with its change vs plain, and seconds per step (:func:`preserve_groups`); from the
     ``finetuned`` ``retained`` rows, the ``val_loss`` curve and the ``finetune_seconds``/``steps`` metrics."""
-
     sid, title, src = meta(preserve_section)
     groups = preserve_groups(d)
     if not groups:

@@ -237,10 +237,12 @@ class Worker:
             if edit.get("layers"):
                 overrides["layers"] = list(edit["layers"])
             ekey = repr((cfg["model"], sorted(edit.items()), [f.case_id for f in sets.edit]))
-            disk = EditCache(self.edit_cache, ekey, model) if self.edit_cache is not None else None
-            if ekey not in self._edits and disk is not None and (hit := disk.load()) is not None:
-                self._edits[ekey] = hit
-                info["edit_cache"] = str(disk.path)
+            disk = None  # the on-disk cache, consulted only for an edit this worker has not made
+            if ekey not in self._edits and self.edit_cache is not None:
+                disk = EditCache(self.edit_cache, ekey, model)
+                if (hit := disk.load()) is not None:
+                    self._edits[ekey] = hit
+                    info["edit_cache"] = str(disk.path)
             if ekey in self._edits:  # the same edit as an earlier trial (edit-only and edit+ft share it)
                 deltas, edited_layers, dropped, secs, preset_name = self._edits[ekey]
                 _reapply(model, deltas)

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import DataError, EditdecayError
-from ...registry import Registry
 from ...facts.record import FactRecord
+from ...registry import Registry
 from ...torch_utils import device_of, pad_id
 from ..hygiene import HygieneReport, hygiene_keep
 
