@@ -65,3 +65,33 @@ def test_greedy_skips_stop_tokens_and_flags_cap(embedded):
     capped = Prober(model, tok, max_steps=1).first_non_stop([prompt, "The capital of France is"])
     assert capped[0].capped and capped[0].id is None and capped[0].token == "" and capped[0].steps == 1
     assert not capped[1].capped and capped[1].token == " Paris"
+
+
+def test_carrier_sequences_share_a_context_wherever_a_prefix_allows():
+    from editdecay.evaluate.probes import carrier_sequences
+
+    c, d = [5, 6], [7]
+    pairs = [(c, [1]), (c, [2]), (c, [1, 3]), (c, [2, 4]), (d, [1]), (c, [1, 3, 9])]
+    seqs, readers = carrier_sequences(pairs)
+    # c+[1,3,9] carries (c,[1,3]) and every one-token target of c; c+[2,4] only itself
+    assert sorted(map(tuple, seqs)) == [(5, 6, 1, 3, 9), (5, 6, 2, 4), (7, 1)]
+    assert sorted(i for r in readers for i in r) == list(range(len(pairs)))
+    assert sorted(map(len, readers)) == [1, 1, 4]
+    for s, rs in zip(seqs, readers):
+        for i in rs:
+            ctx, tgt = pairs[i]
+            assert s[: len(ctx) + len(tgt) - 1] == ctx + tgt[:-1]
+
+
+def test_shared_sequence_scores_equal_scoring_each_pair_alone(embedded):
+    from editdecay.evaluate.metrics import split_target
+
+    model, tok = embedded
+    prompts = ["The capital of France is", "The mother tongue of Danielle Darrieux is", "Apple was founded by"]
+    targets = ["Paris", "London", "French", "the Paris of Europe", "Steve Jobs", "Steve Wozniak", "Microsoft"]
+    pairs = [split_target(tok, p, t) for p in prompts for t in targets]
+    shared = Prober(model, tok, batch_size=8).score_targets(pairs)
+    alone = [Prober(model, tok, batch_size=1).score_targets([p])[0] for p in pairs]
+    for a, b in zip(shared, alone):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        assert a.argmax == b.argmax

@@ -81,6 +81,28 @@ class ProbeResult:
     """What ``at_decision`` returned for this prompt (None if not given or capped)."""
 
 
+def carrier_sequences(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[list[list[int]], list[list[int]]]:
+    """The fewest ``context + target`` sequences that score every pair by teacher forcing,
+    and per sequence the pairs read off it. A pair ``(c, t)`` is read off a sequence that
+    starts with ``c + t[:-1]``: longer targets are placed first, shorter ones of the same
+    context join the first sequence that already holds their prefix."""
+    seqs: list[list[int]] = []
+    readers: list[list[int]] = []
+    by_ctx: dict[tuple[int, ...], list[int]] = {}
+    for i in sorted(range(len(pairs)), key=lambda i: -len(pairs[i][1])):
+        c, t = tuple(pairs[i][0]), tuple(pairs[i][1])
+        need = list(c + t[:-1])
+        for s in by_ctx.get(c, ()):
+            if seqs[s][: len(need)] == need:
+                readers[s].append(i)
+                break
+        else:
+            by_ctx.setdefault(c, []).append(len(seqs))
+            seqs.append(list(c + t))
+            readers.append([i])
+    return seqs, readers
+
+
 def stop_token_mask(tokenizer, vocab_size: int, words: frozenset[str] | None = None) -> torch.Tensor:
     """Boolean mask over the vocabulary: True for stop tokens (special tokens: False)."""
     words = load_stopwords() if words is None else words
@@ -147,23 +169,31 @@ class Prober:
             yield idx, ids.to(device), mask.to(device), lengths.to(device)
 
     @torch.inference_mode()
-    def score_targets(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list["TargetScore"]:
+    def score_targets(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, share: bool = True) -> list["TargetScore"]:
         """Teacher-forced scores of each ``(context_ids, target_ids)`` pair: per target
         token its log-probability and whether it is the argmax. One forward per batch;
-        only target positions go through the unembedding."""
-        seqs = [list(c) + list(t) for c, t in pairs]
+        only target positions go through the unembedding. Pairs share a sequence where
+        they can: a target is read off any sequence that starts with its context and all
+        of its tokens but the last (so a fact's true and new single-token objects cost one
+        sequence, not two); ``share=False``: one sequence per pair."""
         for j, (c, t) in enumerate(pairs):
             if not c or not t:
                 raise ValueError(f"pair {j}: context and target must be non-empty")
+        if share:
+            seqs, readers = carrier_sequences(pairs)
+        else:
+            seqs, readers = [list(c) + list(t) for c, t in pairs], [[i] for i in range(len(pairs))]
         out: list[TargetScore | None] = [None] * len(pairs)
         unembed = self.model.get_output_embeddings()
         for idx, ids, mask, _ in self._batches(seqs, desc="score targets"):
-            rows, cols, tgts = [], [], []
-            for r, i in enumerate(idx):
-                n_ctx, n_tgt = len(pairs[i][0]), len(pairs[i][1])
-                rows += [r] * n_tgt
-                cols += range(n_ctx - 1, n_ctx + n_tgt - 1)
-                tgts += list(pairs[i][1])
+            rows, cols, tgts, order = [], [], [], []
+            for r, s in enumerate(idx):
+                for i in readers[s]:
+                    n_ctx, n_tgt = len(pairs[i][0]), len(pairs[i][1])
+                    rows += [r] * n_tgt
+                    cols += range(n_ctx - 1, n_ctx + n_tgt - 1)
+                    tgts += list(pairs[i][1])
+                    order.append(i)
             hidden = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             h = hidden[torch.tensor(rows, device=ids.device), torch.tensor(cols, device=ids.device)]
             logp = unembed(h).float().log_softmax(-1)
@@ -171,7 +201,7 @@ class Prober:
             lp = logp.gather(1, t[:, None])[:, 0].tolist()
             ok = (logp.argmax(-1) == t).tolist()
             pos = 0
-            for i in idx:
+            for i in order:
                 n = len(pairs[i][1])
                 out[i] = TargetScore(tuple(lp[pos : pos + n]), tuple(ok[pos : pos + n]))
                 pos += n
