@@ -131,6 +131,35 @@ def test_batch_and_sequential_protocols_accumulate_and_restore(tok):
         assert torch.equal(v, base[k]), k
 
 
+def test_alphaedit_reuses_memits_targets_only_on_the_same_weights(tok, monkeypatch):
+    import editdecay.editing.core as core
+
+    calls = []
+    real = core.optimise_targets
+    monkeypatch.setattr(core, "optimise_targets", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = make_tiny_model("llama", initializer_range=0.3)
+    cov = lambda m, t, l: spd(64, l)
+    hp = dict(layers=[1, 2], nullspace_target=0.6, **TINY)
+    plain = AlphaEdit(AlphaEditHyperParams(**hp), covariance=cov).edit(model, tok, REQS[:2])
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    plain.restore(model)
+    cache = core.TargetCache()
+    memit = MEMIT(MEMITHyperParams(**{k: v for k, v in hp.items() if k != "nullspace_target"}), covariance=cov)
+    memit.target_cache = cache
+    memit.edit(model, tok, REQS[:2]).restore(model)
+    calls.clear()
+    alpha = AlphaEdit(AlphaEditHyperParams(**hp), covariance=cov)
+    alpha.target_cache = cache
+    alpha.edit(model, tok, REQS[:2])
+    assert calls == [] and cache.reused_seconds > 0  # MEMIT's z, not a new optimisation
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, want[k]), k  # the same edit as without the cache
+    # on other weights (the edited model) or other facts the z step runs again
+    alpha.edit(model, tok, REQS[:2])
+    alpha.edit(model, tok, REQS[2:3])
+    assert len(calls) == 2
+
+
 def test_presets():
     assert get_editor("memit", preset="gpt2-xl@reference").hparams.layers == [13, 14, 15, 16, 17]
     ll = get_editor("memit", preset="llama3.1-8b@seed001").hparams

@@ -26,7 +26,7 @@ from ..facts.record import FactRecord
 from ..models.arch import get_arch
 from .base import EditResult, finish_edit, restore_params, snapshot
 from .core import (KEY_AVERAGES, TEMPLATE_SOURCES, LocateEditor, check_choice as _check_choice, module_io_at,
-                   optimise_targets, plain_positions, template_keys)
+                   plain_positions, template_keys)
 from .hparams import from_dict, load_preset
 from .registry import register_editor
 
@@ -100,8 +100,8 @@ class MEMIT(LocateEditor):
         covs = self.covariances(model, tokenizer, hp.layers)
         info: dict = {"layers": list(hp.layers), "updates": []}
         try:
-            z, _, logs = optimise_targets(model, tokenizer, requests, templates,
-                                          self.target_config(hp.layers[-1], "block", steps_factor))
+            z, _, logs = self.optimise(model, tokenizer, requests, templates,
+                                       self.target_config(hp.layers[-1], "block", steps_factor))
             z = z.double()
             texts, positions = plain_positions(tokenizer, requests)
             for i, layer in enumerate(hp.layers):

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..editing.core import TargetCache
 from ..errors import EditdecayError
 from ..facts.record import FactRecord
 from .spec import DOWNSTREAM_OPTIONS, StudySpec
@@ -79,6 +80,7 @@ class Worker:
         self._tasks: dict[str, Any] = {}
         self._base_metrics: dict[str, dict[str, float]] = {}
         self._edits: dict[str, tuple] = {}
+        self._targets = TargetCache()  # z steps shared by editors with the same settings (MEMIT, AlphaEdit)
         self._scores: dict[str, tuple] = {}  # stage scores of weights seen before (the base model, a cached edit)
 
     # resources ---------------------------------------------------------------------------
@@ -248,9 +250,15 @@ class Worker:
                 _reapply(model, deltas)
             else:
                 editor = get_editor(edit["editor"], preset=edit.get("preset"), overrides=overrides, model=model)
-                te = time.perf_counter()
+                if hasattr(editor, "target_cache"):
+                    editor.target_cache = self._targets
+                te, reused0 = time.perf_counter(), self._targets.reused_seconds
                 edited_layers, dropped = _apply_edit(editor, model, tok, sets.edit, edit, probe_cfg.get("mode", "greedy"))
-                secs, preset_name = time.perf_counter() - te, getattr(editor, "preset_info", {}).get("preset")
+                reused = self._targets.reused_seconds - reused0
+                if reused:  # the z step came from an earlier editor's: its time still counts as this edit's cost
+                    info["targets_reused_seconds"] = round(reused, 2)
+                secs = time.perf_counter() - te + reused
+                preset_name = getattr(editor, "preset_info", {}).get("preset")
                 self._edits[ekey] = (_changed(model, ld.pristine), edited_layers, dropped, secs, preset_name)
                 if disk is not None:
                     disk.save(self._edits[ekey])
