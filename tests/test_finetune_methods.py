@@ -93,3 +93,29 @@ def test_adapters_touch_only_selected_blocks(model_type, method, policy, edited,
         assert torch.equal(v, base[k0]), k
         checked += "base_layer" in k
     assert checked > 0
+
+
+def test_finetune_starts_the_same_adapters_whatever_ran_before(tmp_path):
+    """LoRA's A initialisation is seeded by the preset's seed, not the process's RNG
+    history: two runs after different global RNG use end bit-identical."""
+    from editdecay.finetune.presets import get_preset
+    from editdecay.finetune.run import finetune
+    from editdecay.finetune.tasks import load_task
+
+    from fakes import word_tokenizer
+
+    tok = word_tokenizer("The capital of France is Paris a city in Europe".split())
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["The capital of France is Paris a city in Europe " * 4] * 12))
+    p = get_preset("cpu-unstructured", method="lora", max_steps=2, eval_every=2, stop=[], lr=1e-2)
+    runs = []
+    for history in (1, 2):
+        model = make_tiny_model("llama")
+        task = load_task("unstructured", tok, corpus, model=model, n_val=2, block_size=8)
+        torch.manual_seed(history)
+        torch.rand(history * 7)  # a different amount of RNG use before fine-tuning
+        res = finetune(model, tok, task, p, progress=False)
+        runs.append({n: q.detach().clone() for n, q in res.model.named_parameters() if "lora_" in n})
+    assert runs[0] and runs[0].keys() == runs[1].keys()
+    for n in runs[0]:
+        assert torch.equal(runs[0][n], runs[1][n]), n
