@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -37,3 +39,22 @@ def prompts(n: int) -> tuple[str, list[str]]:
     if cf.exists():
         return "counterfact-val", [f.text for f in load_facts(cf)[:n]]
     return "builtin", [f.text for f in load_facts("", format="builtin")[:n]]
+
+
+def study_edit(db: Path, cache: Path, model, case_ids: list[str], editor: str):
+    """A study's edit of ``case_ids`` by ``editor`` from its ``--edit-cache`` (the
+    runner's entry: deltas, edited layers, dropped, seconds, preset), or None."""
+    from editdecay.study.runner import EditCache
+
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute("SELECT config_json FROM trials WHERE kind = 'edit' AND axes_json LIKE ?",
+                           (f'%"editor":"{editor}"%',)).fetchall()
+    finally:
+        con.close()
+    for (cfg_json,) in rows:
+        cfg = json.loads(cfg_json)
+        hit = EditCache(cache, repr((cfg["model"], sorted(cfg["edit"].items()), list(case_ids))), model).load()
+        if hit is not None:
+            return hit
+    return None

@@ -6,7 +6,10 @@ fact-level recall of ``editdecay inspect``, before and after LoRA / full fine-tu
 
 Each row edits ``n`` confidence-filtered CounterFact facts (ROME in turn, MEMIT/AlphaEdit
 in one batch) into a fresh copy of the model, then inspects it against the base with the
-``n`` edited facts and 100 other filtered facts as candidates: the truth is the blocks
+``n`` edited facts and 100 other filtered facts as candidates. The facts are the decay
+study's selection (examples/decay-curves-cpu.yaml: its 100 edit facts, and intrinsic facts
+of other subjects as decoys), so the confidence filter is read from the selection cache,
+and AlphaEdit reuses MEMIT's optimised targets (one TargetCache): the truth is the blocks
 whose weights the editor changed and the facts it edited. ``stage`` ``edited`` inspects
 the edited model; ``lora`` / ``full`` fine-tune it first (the demo's LoRA run: r 8 on
 every block, 40 steps at lr 2e-3 on the offline corpus; full: 40 steps at lr 5e-5) and
@@ -23,8 +26,7 @@ import json
 import time
 from pathlib import Path
 
-from .common import SHARED
-from .edit_quality import filtered_facts
+from .common import SHARED, study_edit
 
 GRID = [("rome", 1), ("rome", 10), ("memit", 1), ("memit", 10), ("memit", 100),
         ("alphaedit", 1), ("alphaedit", 10), ("alphaedit", 100)]
@@ -75,35 +77,57 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="append JSON lines here (resumes)")
     ap.add_argument("--only", action="append", default=[], help="run only these EDITOR-N entries")
-    ap.add_argument("--facts", type=Path, default=SHARED / "counterfact" / "counterfact-train.json")
+    ap.add_argument("--db", type=Path, help="the decay study's database: its 100-fact MEMIT/AlphaEdit edits ...")
+    ap.add_argument("--edit-cache", type=Path, help="... loaded from its --edit-cache instead of recomputed")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="inspect at these stages")
+    ap.add_argument("--facts", type=Path, default=SHARED / "counterfact" / "counterfact-edit.json")
     args = ap.parse_args(argv)
+
+    import torch
 
     from editdecay import load_model
     from editdecay.editing import get_editor
+    from editdecay.editing.core import TargetCache
+    from editdecay.facts.datasets import load_facts
+    from editdecay.facts.selection import select_facts
     from editdecay.finetune.tasks import load_task
 
     base, tok = load_model(device="cpu")
-    facts = filtered_facts(base, tok, args.facts, 200, 4000)
-    pool, decoys = facts[:100], facts[100:]
+    sel = select_facts(base, tok, load_facts(args.facts), n_edit=100, n_intrinsic=200, margin=0.1, mode="greedy", seed=0)
+    pool = list({f.subject: f for f in sel.edit}.values())
+    subjects = {f.subject for f in pool}
+    decoys = [f for f in {f.subject: f for f in sel.intrinsic}.values() if f.subject not in subjects][:100]
+    facts = pool + decoys
+    targets = TargetCache()
     task = load_task("unstructured", tok, None, model=base, n_val=16, block_size=64, seed=0, exclude_facts=facts)
     done = set()
     if args.out.exists():
-        done = {(r["name"], r["stage"]) for r in map(json.loads, args.out.read_text().splitlines()) if r.strip()}
+        rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+        done = {(r["name"], r["stage"]) for r in rows}
     for editor_name, n in GRID:
         name = f"{editor_name}-{n}"
-        if args.only and name not in args.only or all((name, s) in done for s in STAGES):
+        if args.only and name not in args.only or all((name, s) in done for s in args.stages):
             continue
         edited = copy.deepcopy(base)
         editor = get_editor(editor_name, model=edited)
-        t = time.perf_counter()
-        res = editor.edit(edited, tok, pool[:n])
-        edit_s = time.perf_counter() - t
-        truth = res.edited_layers(edited)
-        for stage in STAGES:
+        if hasattr(editor, "target_cache"):
+            editor.target_cache = targets
+        hit = (study_edit(args.db, args.edit_cache, base, [f.case_id for f in pool[:n]], editor_name)
+               if args.db and args.edit_cache and n == len(pool) else None)
+        if hit is not None:
+            deltas, truth, _, edit_s, _ = hit
+            with torch.no_grad():
+                for k, v in deltas.items():
+                    edited.get_parameter(k).copy_(v)
+        else:
+            t = time.perf_counter()
+            truth = editor.edit(edited, tok, pool[:n]).edited_layers(edited)
+            edit_s = time.perf_counter() - t
+        for stage in args.stages:
             if (name, stage) in done:
                 continue
             suspect, ft_s = (edited, 0.0) if stage == "edited" else fine_tune(copy.deepcopy(edited), tok, task, stage)
-            row = row_for(base, suspect, tok, pool[:n], decoys, truth, name=name, editor=editor_name, n=n,
+            row = row_for(base, suspect, tok, pool[:n], decoys, truth, name=name, editor=editor_name, n=n, n_facts=len(pool[:n]),
                           stage=stage, edit_s=round(edit_s, 1), finetune_s=round(ft_s, 1))
             with args.out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")

@@ -83,6 +83,15 @@ def make_tiny_model(model_type: str, seed: int = 0, **config):
 
 
 @pytest.fixture(scope="session")
+def target_cache():
+    """One TargetCache for the session: MEMIT and AlphaEdit tests on the same weights,
+    facts and target settings share the optimised z (the study runner's reuse)."""
+    from editdecay.editing.core import TargetCache
+
+    return TargetCache()
+
+
+@pytest.fixture(scope="session")
 def cf_facts10(embedded, shared_data, selection_cache):
     """10 confidence-filtered CounterFact facts (distinct subjects) for edit tests."""
     from editdecay.facts.datasets import load_facts

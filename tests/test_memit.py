@@ -193,10 +193,12 @@ def _inspect_real_edit(model, tok, res, layers, facts):
 
 
 @pytest.mark.parametrize("method", ["memit", "alphaedit"])
-def test_batch_edit_on_filtered_counterfact(method, embedded, cf_facts10):
-    """Out of the box (derived presets) on the embedded model: efficacy ≥ 0.9."""
+def test_batch_edit_on_filtered_counterfact(method, embedded, cf_facts10, target_cache):
+    """Out of the box (derived presets) on the embedded model: efficacy ≥ 0.9. AlphaEdit
+    reuses MEMIT's target values (same weights, facts and target settings)."""
     model, tok = embedded
     editor = get_editor(method, model=model)
+    editor.target_cache = target_cache
     name = get_arch(model).rewrite_module_name(editor.hparams.layers[0]) + ".weight"
     before = dict(model.named_parameters())[name].detach().clone()
     res = run_batch(editor, model, tok, cf_facts10)
