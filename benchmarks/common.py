@@ -41,6 +41,15 @@ def prompts(n: int) -> tuple[str, list[str]]:
     return "builtin", [f.text for f in load_facts("", format="builtin")[:n]]
 
 
+def decay_selection(model, tok, path: Path):
+    """The decay study's selection (examples/decay-curves-cpu.yaml: 100 edit and 200
+    intrinsic confidence-filtered facts of ``path``), read from the selection cache."""
+    from editdecay.facts.datasets import load_facts
+    from editdecay.facts.selection import select_facts
+
+    return select_facts(model, tok, load_facts(path), n_edit=100, n_intrinsic=200, margin=0.1, mode="greedy", seed=0)
+
+
 def study_edit(db: Path, cache: Path, model, case_ids: list[str], editor: str):
     """A study's edit of ``case_ids`` by ``editor`` from its ``--edit-cache`` (the
     runner's entry: deltas, edited layers, dropped, seconds, preset), or None."""

@@ -26,7 +26,7 @@ import json
 import time
 from pathlib import Path
 
-from .common import SHARED, study_edit
+from .common import SHARED, decay_selection, study_edit
 
 GRID = [("rome", 1), ("rome", 10), ("memit", 1), ("memit", 10), ("memit", 100),
         ("alphaedit", 1), ("alphaedit", 10), ("alphaedit", 100)]
@@ -83,17 +83,14 @@ def main(argv=None) -> None:
     ap.add_argument("--facts", type=Path, default=SHARED / "counterfact" / "counterfact-edit.json")
     args = ap.parse_args(argv)
 
-    import torch
-
     from editdecay import load_model
     from editdecay.editing import get_editor
+    from editdecay.editing.base import restore_params
     from editdecay.editing.core import TargetCache
-    from editdecay.facts.datasets import load_facts
-    from editdecay.facts.selection import select_facts
     from editdecay.finetune.tasks import load_task
 
     base, tok = load_model(device="cpu")
-    sel = select_facts(base, tok, load_facts(args.facts), n_edit=100, n_intrinsic=200, margin=0.1, mode="greedy", seed=0)
+    sel = decay_selection(base, tok, args.facts)
     pool = list({f.subject: f for f in sel.edit}.values())
     subjects = {f.subject for f in pool}
     decoys = [f for f in {f.subject: f for f in sel.intrinsic}.values() if f.subject not in subjects][:100]
@@ -115,10 +112,8 @@ def main(argv=None) -> None:
         hit = (study_edit(args.db, args.edit_cache, base, [f.case_id for f in pool[:n]], editor_name)
                if args.db and args.edit_cache and n == len(pool) else None)
         if hit is not None:
-            deltas, truth, _, edit_s, _ = hit
-            with torch.no_grad():
-                for k, v in deltas.items():
-                    edited.get_parameter(k).copy_(v)
+            values, truth, _, edit_s, _ = hit
+            restore_params(edited, values)
         else:
             t = time.perf_counter()
             truth = editor.edit(edited, tok, pool[:n]).edited_layers(edited)

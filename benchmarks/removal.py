@@ -36,7 +36,7 @@ import json
 import time
 from pathlib import Path
 
-from .common import REPO, SHARED, study_edit
+from .common import REPO, SHARED, decay_selection, study_edit
 
 
 def _rates(model, tok, edit, intrinsic) -> dict:
@@ -71,33 +71,27 @@ def main(argv=None) -> None:
     ap.add_argument("--no-reedit", action="store_true", help="skip the re-edit cost measurement (about 20 min)")
     args = ap.parse_args(argv)
 
-    import torch
-
     from editdecay import load_model
     from editdecay.editing import get_editor
+    from editdecay.editing.base import restore_params
     from editdecay.editing.protocols import reedit
-    from editdecay.facts.datasets import load_facts
-    from editdecay.facts.selection import select_facts
     from editdecay.finetune.presets import get_preset
     from editdecay.finetune.run import finetune
     from editdecay.finetune.tasks import load_task
     from editdecay.forensics import inspect_models, unedit
 
     base, tok = load_model(device="cpu")
-    sel = select_facts(base, tok, load_facts(args.facts), n_edit=100, n_intrinsic=200, margin=0.1, mode="greedy", seed=0)
+    sel = decay_selection(base, tok, args.facts)
     edit, intrinsic = sel.edit, sel.intrinsic
     edited = copy.deepcopy(base)
     hit = study_edit(args.db, args.edit_cache, base, [f.case_id for f in edit], "memit") if args.db and args.edit_cache else None
-    t = time.perf_counter()
-    if hit is not None:
-        with torch.no_grad():
-            for n, v in hit[0].items():
-                edited.get_parameter(n).copy_(v)
-        source = "study edit cache"
+    if hit is not None:  # the study's edit, and the seconds it took there
+        restore_params(edited, hit[0])
+        source, edit_s = "study edit cache", hit[3]
     else:
+        t = time.perf_counter()
         get_editor("memit", model=edited).edit(edited, tok, edit)
-        source = "computed"
-    edit_s = time.perf_counter() - t
+        source, edit_s = "computed", time.perf_counter() - t
     rows = []
 
     def row(stage, model, **extra):
@@ -126,7 +120,7 @@ def main(argv=None) -> None:
     if not args.no_reedit:  # seed 001's cost argument: re-apply the decayed edits vs edit all from scratch
         again = copy.deepcopy(lm)
         reedit_doc, _ = reedit(get_editor("memit", model=again), again, tok, edit, mode="greedy", scratch=True)
-        reedit_doc["original_edit_s"] = round(hit[3], 1) if hit is not None else round(edit_s, 1)
+        reedit_doc["original_edit_s"] = round(edit_s, 1)
         print(json.dumps({k: v for k, v in reedit_doc.items() if k != "decayed"}), flush=True)
         del again
     ins = inspect_models(base, lm, tok, base_free=False)

@@ -106,14 +106,13 @@ def finetune(
         if policy != "all":
             raise EditdecayError(f"preserve 'freeze-edited' is the layer policy non-edited: it cannot combine with policy {policy!r}")
         policy = "non-edited"
-    dev = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(preset.seed)  # adapters and heads start the same for the same seed, whatever ran before
         tuned, names, blocks = prepare_model(model, preset.finetune_config(policy, get_arch(model)), edited)
         module = task.wrap(tuned)
     preserver = make_preserver(preserve, tuned, tokenizer, edit_facts, edited or []) if preserve is not None else None
     names += [f"head.{n}" for n, p in getattr(module, "head", nn.Identity()).named_parameters() if p.requires_grad]
-    device = dev
     t0 = time.perf_counter()
     log = train(module, task.batches(preset.micro, seed=preset.seed, device=device), cfg,
                 evaluate=task.evaluate, probes=[probe] if probe is not None else [],

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..editing.base import restore_params
 from ..editing.core import TargetCache
 from ..errors import EditdecayError
 from ..facts.record import FactRecord
@@ -247,7 +248,7 @@ class Worker:
                     info["edit_cache"] = str(disk.path)
             if ekey in self._edits:  # the same edit as an earlier trial (edit-only and edit+ft share it)
                 deltas, edited_layers, dropped, secs, preset_name = self._edits[ekey]
-                _reapply(model, deltas)
+                restore_params(model, deltas)  # the edit's parameter values, bit-exact
             else:
                 editor = get_editor(edit["editor"], preset=edit.get("preset"), overrides=overrides, model=model)
                 if hasattr(editor, "target_cache"):
@@ -284,7 +285,7 @@ class Worker:
             if task.info.get("hygiene"):
                 info["hygiene"] = {k: v for k, v in task.info["hygiene"].items() if k != "words"}
             if edit:  # loading the task and base metrics reset the weights: apply the edit again
-                _reapply(model, self._edits[ekey][0])
+                restore_params(model, self._edits[ekey][0])
             params = {k: (tuple(v) if k == "betas" else v) for k, v in ft["params"].items()}
             preset = FinetunePreset(**params)
             layers = edited_layers
@@ -411,14 +412,6 @@ class EditCache:
 def _changed(model, pristine: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copies of the parameters that differ from the pristine weights (an applied edit)."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if not torch.equal(p.detach(), pristine[n])}
-
-
-def _reapply(model, values: dict[str, torch.Tensor]) -> None:
-    """Put an edit's parameter values back (bit-exact)."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, v in values.items():
-            params[n].copy_(v)
 
 
 def _drift_prompts(sets: FactSets, drift: dict[str, Any]) -> list[str]:
