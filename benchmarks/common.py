@@ -53,17 +53,16 @@ def decay_selection(model, tok, path: Path):
 def study_edit(db: Path, cache: Path, model, case_ids: list[str], editor: str):
     """A study's edit of ``case_ids`` by ``editor`` from its ``--edit-cache`` (the
     runner's entry: deltas, edited layers, dropped, seconds, preset), or None."""
-    from editdecay.study.runner import EditCache
+    from editdecay.study.runner import EditCache, edit_key
 
     con = sqlite3.connect(db)
     try:
-        rows = con.execute("SELECT config_json FROM trials WHERE kind = 'edit' AND axes_json LIKE ?",
+        rows = con.execute("SELECT config_json FROM trials WHERE kind = 'edit-only' AND axes_json LIKE ?",
                            (f'%"editor":"{editor}"%',)).fetchall()
     finally:
         con.close()
     for (cfg_json,) in rows:
-        cfg = json.loads(cfg_json)
-        hit = EditCache(cache, repr((cfg["model"], sorted(cfg["edit"].items()), list(case_ids))), model).load()
+        hit = EditCache(cache, edit_key(json.loads(cfg_json), case_ids), model).load()
         if hit is not None:
             return hit
     return None

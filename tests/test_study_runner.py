@@ -248,6 +248,25 @@ def test_base_and_edited_stages_are_scored_once_per_weights(tiny_dir, tmp_path, 
     assert rows(shared) == rows(fresh) and rows(shared)
 
 
+def test_an_edits_key_is_the_same_for_a_config_read_back_from_the_store(tiny_dir, tmp_path):
+    """A config read back from the store (canonical JSON) keys its edit as the expanded
+    config does, so a reader of the store finds the --edit-cache entry; other edit
+    settings or facts key differently."""
+    import json
+
+    from editdecay.study.runner import edit_key
+    from editdecay.study.spec import canonical_json
+
+    spec = StudySpec.from_yaml(write_tiny_spec(tmp_path, tiny_dir))
+    cfg = {t.kind: t for t in spec.expand()}["edit-only"].config
+    stored = json.loads(canonical_json(cfg))
+    ids = ["a", "b"]
+    assert edit_key(stored, ids) == edit_key(cfg, ids)
+    other = json.loads(canonical_json(cfg))
+    other["edit"]["hparams"]["__probe__"] = 1
+    assert edit_key(other, ids) != edit_key(cfg, ids) and edit_key(cfg, ["a"]) != edit_key(cfg, ids)
+
+
 def test_an_edit_cache_lets_a_fresh_worker_skip_the_edit(tiny_dir, tmp_path, monkeypatch):
     """With ``edit_cache`` an edit computed by one worker is loaded by a fresh one (another
     run or study): the editor is not called again and the edited weights and rows are the same."""

@@ -239,7 +239,7 @@ class Worker:
                 overrides["checkpoint"] = str(self._path(overrides["checkpoint"]))
             if edit.get("layers"):
                 overrides["layers"] = list(edit["layers"])
-            ekey = repr((cfg["model"], sorted(edit.items()), [f.case_id for f in sets.edit]))
+            ekey = edit_key(cfg, [f.case_id for f in sets.edit])
             disk = None  # the on-disk cache, consulted only for an edit this worker has not made
             if ekey not in self._edits and self.edit_cache is not None:
                 disk = EditCache(self.edit_cache, ekey, model)
@@ -369,6 +369,12 @@ def _apply_edit(editor, model, tok, facts: list[FactRecord], edit: dict[str, Any
     for i in range(0, len(facts), size):
         layers |= set(editor.edit(model, tok, facts[i : i + size]).edited_layers(model))
     return sorted(layers), []
+
+
+def edit_key(cfg: dict[str, Any], case_ids: Sequence[str]) -> str:
+    """What identifies a trial's edit (the in-memory and the on-disk edit caches): the
+    model, the edit settings and the facts."""
+    return repr((cfg["model"], sorted(cfg["edit"].items()), list(case_ids)))
 
 
 class EditCache:
