@@ -52,12 +52,13 @@ def decay_selection(model, tok, path: Path):
 
 def study_edit(db: Path, cache: Path, model, case_ids: list[str], editor: str):
     """A study's edit of ``case_ids`` by ``editor`` from its ``--edit-cache`` (the
-    runner's entry: deltas, edited layers, dropped, seconds, preset), or None."""
+    runner's entry: deltas, edited layers, dropped, seconds, preset), or None. Any trial
+    that edits (edit-only or edit+ft) keys its edit the same way."""
     from editdecay.study.runner import EditCache, edit_key
 
     con = sqlite3.connect(db)
     try:
-        rows = con.execute("SELECT config_json FROM trials WHERE kind = 'edit-only' AND axes_json LIKE ?",
+        rows = con.execute("SELECT config_json FROM trials WHERE kind IN ('edit-only', 'edit+ft') AND axes_json LIKE ?",
                            (f'%"editor":"{editor}"%',)).fetchall()
     finally:
         con.close()

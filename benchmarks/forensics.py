@@ -44,6 +44,18 @@ def fine_tune(model, tok, task, method: str):
     return lm.eval(), res.log.seconds
 
 
+def save_diffs(path: Path, base, suspect, truth) -> None:
+    """The rewrite-module diffs (out × in, fp16) by block, and the edited blocks."""
+    from safetensors.torch import save_file
+
+    from editdecay.forensics import diff_modules
+
+    _, deltas = diff_modules(base, suspect)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({str(b): d.half().contiguous() for b, d in deltas.items()}, str(path),
+              metadata={"truth": json.dumps(sorted(truth))})
+
+
 def row_for(base, suspect, tok, edited_facts, decoys, truth_blocks, **extra) -> dict:
     from editdecay.forensics import inspect_models
 
@@ -69,6 +81,7 @@ def row_for(base, suspect, tok, edited_facts, decoys, truth_blocks, **extra) -> 
         "base_free_precision": sum(r["block"] in truth for r in bf) / len(bf),
         "scores": {str(v.block): (None if v.score == float("inf") else round(v.score, 2))
                    for v in ins.blocks if v.verdict == "edited" or v.block in truth},
+        "signatures": {str(v.block): v.signature for v in ins.blocks if v.verdict == "edited"},
         "inspect_s": round(secs, 1),
     }
 
@@ -81,6 +94,7 @@ def main(argv=None) -> None:
     ap.add_argument("--edit-cache", type=Path, help="... loaded from its --edit-cache instead of recomputed")
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="inspect at these stages")
     ap.add_argument("--facts", type=Path, default=SHARED / "counterfact" / "counterfact-edit.json")
+    ap.add_argument("--save-diffs", type=Path, help="also save each row's rewrite-module diffs (fp16 safetensors) here")
     args = ap.parse_args(argv)
 
     from editdecay import load_model
@@ -124,6 +138,8 @@ def main(argv=None) -> None:
             suspect, ft_s = (edited, 0.0) if stage == "edited" else fine_tune(copy.deepcopy(edited), tok, task, stage)
             row = row_for(base, suspect, tok, pool[:n], decoys, truth, name=name, editor=editor_name, n=n, n_facts=len(pool[:n]),
                           stage=stage, edit_s=round(edit_s, 1), finetune_s=round(ft_s, 1))
+            if args.save_diffs:
+                save_diffs(args.save_diffs / f"{name}-{stage}.safetensors", base, suspect, truth)
             with args.out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)

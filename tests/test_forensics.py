@@ -79,6 +79,37 @@ def test_edit_under_fine_tuning_is_a_spectral_outlier():
     assert abs(float(v @ b[:, 0].double())) / float(b[:, 0].double().norm()) >= 0.99
 
 
+def _memit_like(model, scales: dict[int, float], shared: bool = True, seed=1):
+    """A many-layer edit: rank one at each block, one output direction for all (MEMIT
+    writes the same residual-stream directions at each of its layers) unless not
+    ``shared``."""
+    spec = get_arch(model)
+    g = torch.Generator().manual_seed(seed)
+    a = None
+    for block, scale in scales.items():
+        wo = spec.weight_out_in(model.get_submodule(spec.rewrite_module_name(block)))
+        if a is None or not shared:
+            a = torch.randn(wo.shape[0], 1, generator=g)
+        with torch.no_grad():
+            wo.add_(scale * a @ torch.randn(wo.shape[1], 1, generator=g).T)
+
+
+def test_a_many_layer_edits_weak_block_is_found_by_its_shared_direction():
+    base = make_tiny_model("llama", num_hidden_layers=8)
+    suspect = copy.deepcopy(base)
+    _memit_like(suspect, {2: 1.5e-4, 3: 1.5e-4, 4: 5e-4})
+    _perturb_all(suspect, 0.01)
+    ins = inspect_models(base, suspect)
+    assert ins.edited_blocks == [2, 3, 4]
+    assert ins.blocks[2].signature == "shares the edit's directions"  # its σ₁ is in the background
+    assert ins.blocks[2].score >= 3 and ins.blocks[2].n_edits == 1
+
+    other = copy.deepcopy(base)  # the same strengths, unrelated directions: block 2 stays hidden
+    _memit_like(other, {2: 1.5e-4, 3: 1.5e-4, 4: 5e-4}, shared=False)
+    _perturb_all(other, 0.01)
+    assert 2 not in inspect_models(base, other).edited_blocks
+
+
 def test_unedit_restores_the_base_weights():
     base = make_tiny_model("llama")
     suspect = copy.deepcopy(base)

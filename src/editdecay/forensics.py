@@ -18,6 +18,11 @@ Verdict per block, in order:
 3. Otherwise (many blocks changed: fine-tuning): ``edited`` when σ₁ of the block's rewrite
    diff is at least ``outlier_ratio`` times the median σ₁ of the other changed blocks'
    rewrite diffs, else ``fine-tuned``. Score: that ratio.
+4. Then (fine-tuning only) the edited blocks' output directions are followed into the
+   other blocks: a many-layer edit (MEMIT) writes the same residual-stream directions at
+   every one of its layers, so a block whose diff has ``outlier_ratio`` times the median
+   gain ‖UᵀΔW‖₂ along them (U: those directions) is ``edited`` too ("shares the edit's
+   directions"), though its own σ₁ sinks in the fine-tuning background.
 
 The number of edits is the numerical rank of an isolated edit, or, after fine-tuning,
 the count of singular values above the fine-tuning background (a lower bound: the
@@ -85,7 +90,7 @@ class BlockVerdict:
     """Estimated edits in this block (0 unless 'edited')."""
     changed_modules: list[str]
     signature: str
-    """'isolated low-rank' | 'spectral outlier' | 'dense' | 'none'."""
+    """'isolated low-rank' | 'spectral outlier' | "shares the edit's directions" | 'dense' | 'none'."""
 
 
 @dataclass
@@ -207,8 +212,10 @@ def diff_modules(base: nn.Module, suspect: nn.Module, *, top: int = 16) -> tuple
 
 
 def block_verdicts(modules: list[ModuleDiff], n_blocks: int, *, outlier_ratio: float = 3.0,
-                   max_edit_rank_frac: float = 0.25) -> list[BlockVerdict]:
-    """Verdicts per block from the module diffs (rules in the module docstring)."""
+                   max_edit_rank_frac: float = 0.25,
+                   deltas: dict[int, torch.Tensor] | None = None) -> list[BlockVerdict]:
+    """Verdicts per block from the module diffs (rules in the module docstring);
+    ``deltas`` (the rewrite diffs by block) adds the shared-direction pass."""
     by_block: dict[int, list[ModuleDiff]] = {b: [] for b in range(n_blocks)}
     for m in modules:
         by_block[m.block].append(m)
@@ -240,7 +247,46 @@ def block_verdicts(modules: list[ModuleDiff], n_blocks: int, *, outlier_ratio: f
             verdicts.append(BlockVerdict(b, "edited", ratio, r.rank, max(n, 1), changed, "spectral outlier"))
         else:
             verdicts.append(BlockVerdict(b, "fine-tuned", ratio, r.rank, 0, changed, "dense"))
+    if deltas and not isolated:
+        _shared_direction_pass(verdicts, deltas, outlier_ratio)
     return verdicts
+
+
+MAX_SHARED_DIRS = 32
+"""At most this many output directions of the outlier blocks are followed into the others."""
+
+
+def shared_direction_gains(deltas: dict[int, torch.Tensor], seeds: dict[int, int]) -> dict[int, torch.Tensor]:
+    """The singular values of Uᵀ ΔW_b (the first is ‖Uᵀ ΔW_b‖₂) for every block b not in
+    ``seeds``, U an orthonormal basis of the top ``seeds[s]`` output (left singular)
+    directions of each seed block s's diff."""
+    cols = []
+    for s, n in seeds.items():
+        u, _, _ = torch.linalg.svd(deltas[s].double(), full_matrices=False)
+        cols.append(u[:, :n])
+    q, r = torch.linalg.qr(torch.cat(cols, dim=1)[:, :MAX_SHARED_DIRS])
+    q = q[:, r.diagonal().abs() > 1e-6]
+    return {b: torch.linalg.svdvals(q.T @ d.double()) for b, d in deltas.items() if b not in seeds}
+
+
+def _shared_direction_pass(verdicts: list[BlockVerdict], deltas: dict[int, torch.Tensor], outlier_ratio: float) -> None:
+    """A many-layer edit (MEMIT, AlphaEdit) writes the same residual-stream directions at
+    each of its layers, but under fine-tuning only its largest layers stand out by σ₁.
+    Follow the outlier blocks' output directions into the other changed blocks: a block
+    whose diff has ``outlier_ratio`` times the median gain along them is edited too."""
+    seeds = {v.block: v.n_edits for v in verdicts if v.verdict == "edited" and v.block in deltas}
+    if not seeds:
+        return
+    gains = shared_direction_gains(deltas, seeds)
+    for b, sv in gains.items():
+        others = [float(x[0]) for o, x in gains.items() if o != b]
+        bg = median(others) if others else 0.0
+        ratio = float(sv[0]) / bg if bg > 0 else math.inf
+        v = verdicts[b]
+        if ratio >= outlier_ratio and v.verdict == "fine-tuned":
+            n = int((sv >= outlier_ratio * bg).sum()) if bg > 0 else 1
+            verdicts[b] = BlockVerdict(b, "edited", ratio, v.rank, max(n, 1), v.changed_modules,
+                                       "shares the edit's directions")
 
 
 def match_facts(model: nn.Module, tokenizer, facts: Sequence[FactRecord], deltas: dict[int, torch.Tensor],
@@ -285,7 +331,7 @@ def inspect_models(base: nn.Module, suspect: nn.Module, tokenizer=None, facts: S
     spec = get_arch(base)
     modules, deltas = diff_modules(base, suspect)
     verdicts = block_verdicts(modules, spec.num_blocks(base), outlier_ratio=outlier_ratio,
-                              max_edit_rank_frac=max_edit_rank_frac)
+                              max_edit_rank_frac=max_edit_rank_frac, deltas=deltas)
     edited = [v.block for v in verdicts if v.verdict == "edited"]
     ins = Inspection(verdicts, modules, {"outlier_ratio": outlier_ratio, "max_edit_rank_frac": max_edit_rank_frac},
                      deltas={b: deltas[b] for b in edited})
