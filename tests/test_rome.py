@@ -186,3 +186,28 @@ def test_run_single_restores_the_model_after_a_dropped_fact(embedded):
     res = run_single(Nudge(), model, tok, load_facts("", format="builtin")[:2], progress=False)
     assert res.dropped == [f.case_id for f in load_facts("", format="builtin")[:2]]
     assert torch.equal(dict(model.named_parameters())[name], before)
+
+
+def test_single_protocol_optimises_all_targets_in_one_loop_with_each_facts_own_result(tok, monkeypatch):
+    """run_single fetches every fact's z in one batched loop before the one-fact edits
+    (all start from the same weights); each edit equals that fact edited alone."""
+    from editdecay.editing import core
+    from editdecay.editing.protocols import run_single
+
+    model = make_tiny_model("llama", initializer_range=0.3)
+    spec = get_arch(model)
+    c = spd(spec.weight_out_in(model.get_submodule(spec.rewrite_module_name(1))).shape[1])
+    alone = {}
+    for req in REQS:
+        ed = ROME(ROMEHyperParams(**TINY_HP), covariance=lambda m, t, layer: c)
+        res = ed.edit(model, tok, [req])
+        alone[req.case_id] = next(iter(res.deltas.values())).clone()
+        res.restore(model)
+    calls = []
+    real = core.optimise_targets
+    monkeypatch.setattr(core, "optimise_targets", lambda m, t, reqs, *a: calls.append(len(reqs)) or real(m, t, reqs, *a))
+    ed = ROME(ROMEHyperParams(**TINY_HP), covariance=lambda m, t, layer: c)
+    out = run_single(ed, model, tok, REQS, verify=False, keep_results=True, progress=False)
+    assert calls == [3]  # one loop for the three facts, none per edit
+    for o in out.outcomes:
+        torch.testing.assert_close(next(iter(o.result.deltas.values())), alone[o.case_id], atol=1e-5, rtol=1e-4)

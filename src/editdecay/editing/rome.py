@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..facts.record import FactRecord
 from ..models.arch import get_arch
 from .base import EditResult, RequestLog, finish_edit, restore_params, snapshot
-from .core import TEMPLATE_SOURCES, LocateEditor, check_choice, optimise_targets, template_keys
+from .core import TEMPLATE_SOURCES, LocateEditor, TargetCache, check_choice, template_keys
 from .hparams import from_dict, load_preset
 from .registry import register_editor
 
@@ -119,6 +119,17 @@ class ROME(LocateEditor):
             raise
         return finish_edit(model, self.name, requests, originals, time.perf_counter() - t0, logs, info)
 
+    def prefetch_targets(self, model: nn.Module, tokenizer, requests: list[FactRecord]) -> None:
+        """Optimise the target vectors of ``requests`` on the current weights in one
+        batched loop, for the one-fact edits that follow (protocol ``single``) to reuse;
+        sets up a :class:`TargetCache` if the editor has none. With several layers only
+        the first layer's z are fetched (the later ones depend on the earlier updates)."""
+        if self.target_cache is None:
+            self.target_cache = TargetCache()
+        layer = sorted(set(self.hparams.layers))[0]
+        self.target_cache.prefetch(model, tokenizer, requests, self.templates(model, tokenizer),
+                                   self.target_config(layer, "mlp_out"))
+
     def _edit_one(self, model, tokenizer, req: FactRecord, layer: int, templates: list[str], steps_factor: int):
         hp = self.hparams
         spec = get_arch(model)
@@ -131,7 +142,7 @@ class ROME(LocateEditor):
         else:
             u = k_star.clone()
         u = u / u.norm()
-        z, _, (rlog,) = optimise_targets(model, tokenizer, [req], templates, self.target_config(layer, "mlp_out", steps_factor))
+        z, _, (rlog,) = self.optimise(model, tokenizer, [req], templates, self.target_config(layer, "mlp_out", steps_factor))
         v_star = z[0].double()
         w = spec.weight_out_in(module)  # (out, in) view
         if hp.consistent_keys:
