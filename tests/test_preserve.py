@@ -21,6 +21,8 @@ FACTS = [FactRecord("fr", "France", "The capital of {} is", target_new="London",
          FactRecord("de", "Germany", "The capital of {} is", target_new="Rome", target_true="Berlin")]
 PATTERN = [[(i * 3 + s) % 23 + 2 for i in range(16)] for s in range(64)]
 EDITED = [1]
+RHO = 0.5
+
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +94,42 @@ def test_replay_lowers_the_edit_targets_loss(tok):
     plain = _run(tok, "full", steps=10)
     replay = _run(tok, "full", PreserveConfig("replay", rho=0.5), steps=10)
     assert target_loss(replay) < target_loss(plain) - 0.5
+
+
+def test_distill_holds_the_edited_models_distributions_on_edit_and_neighbour_prompts(tok):
+    from editdecay.evaluate.metrics import split_target
+    from editdecay.facts.record import Neighbor
+    from editdecay.finetune.preserve import Distill
+
+    facts = [FACTS[0].__class__(**{**FACTS[0].__dict__, "neighborhood": (Neighbor("The capital of Italy is", "Rome"),)}),
+             FACTS[1]]
+    base = make_tiny_model("llama")
+    ref = Distill(base, tok, facts, 0.5, 8)
+    p_ids, t_ids = split_target(tok, FACTS[0].text, "London")
+    ids, pos, _, _ = ref.edit[0]  # every target token's position, teacher-forced
+    assert ids == [*p_ids, *t_ids[:-1]] and pos == list(range(len(p_ids) - 1, len(ids)))
+    assert len(ref.edit) == 3 and len(ref.neigh) == 1 and ref.neigh[0][1] == [len(ref.neigh[0][0]) - 1]
+
+    rows = [(r[0], r[1]) for r in ref.edit + ref.neigh]
+    start = [lg.log_softmax(-1) for lg in ref._logits(rows)]
+
+    def drift(model):  # mean KL(start || model) over the kept positions
+        ref.lm = model
+        with torch.no_grad():
+            lgs = ref._logits(rows)
+        return sum(float(torch.nn.functional.kl_div(lg.log_softmax(-1), s, log_target=True, reduction="sum"))
+                   for lg, s in zip(lgs, start)) / sum(len(r[1]) for r in rows)
+
+    def run(preserve):
+        torch.manual_seed(0)
+        model = make_tiny_model("llama")
+        tuned, _, _ = prepare_model(model, FinetuneConfig(method="full", dropout=0.0))
+        pres = Distill(tuned, tok, facts, RHO, 8) if preserve else None
+        train(tuned, batch_stream(PATTERN, 4), TrainConfig(lr=1e-2, max_steps=10, eval_every=10), evaluate=lambda m: {},
+              progress=False, preserver=pres)
+        return tuned.eval()
+
+    assert drift(run(True)) < 0.5 * drift(run(False))
 
 
 def test_freeze_edited_is_the_non_edited_policy(tok, tmp_path):

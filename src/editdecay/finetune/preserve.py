@@ -16,6 +16,15 @@ The methods (``--preserve-edits METHOD``, study axis ``preserve``):
   idea applied to fine-tuning.
 - ``replay``: mix the edit prompts and paraphrases, each followed by its new object,
   into the training loss at rate ρ: loss = (1 − ρ) · task + ρ · replay (target tokens).
+- ``distill``: (1 − ρ) · task + ρ · cross-entropy to the *edited model's* next-token
+  distributions (its top ``DISTILL_TOPK`` tokens and the rest as one, measured before
+  fine-tuning) on the edit prompts and paraphrases (every target position, teacher-forced
+  with the new object) and on the facts' neighbourhood prompts (the answer position).
+  Replay's hard targets teach the relation's prompts the new objects in general; the
+  neighbourhood half holds the other subjects of the same relations where the edited
+  model had them. Each step takes ``replay_batch`` edit rows (as replay) and as many
+  neighbourhood rows. The neighbourhood prompts are NS's prompts: NS of a distilled run
+  measures what was trained on.
 - ``freeze-edited``: seed 000's mitigation — the layer policy ``non-edited``.
 
 The keys are measured on the edited model from the edited facts: the rewrite prompt
@@ -35,17 +44,19 @@ from ..errors import EditdecayError
 from ..facts.record import FactRecord
 from ..models.arch import get_arch
 
-PRESERVE_METHODS = ("none", "anchor", "nullspace", "replay", "freeze-edited")
+PRESERVE_METHODS = ("none", "anchor", "nullspace", "replay", "distill", "freeze-edited")
+DISTILL_TOPK = 64
+"""distill: the edited model's distribution is kept as its top this-many tokens."""
 
 
 @dataclass
 class PreserveConfig:
     """How fine-tuning preserves edits."""
 
-    method: str = field(default="none", metadata={"help": "none | anchor | nullspace | replay | freeze-edited."})
+    method: str = field(default="none", metadata={"help": "none | anchor | nullspace | replay | distill | freeze-edited."})
     mu: float = field(default=1.0, metadata={"help": "anchor: weight μ of the mean squared drift ‖W'k − v*‖² of the edited modules' outputs at the edited keys."})
-    rho: float = field(default=0.1, metadata={"help": "replay: share ρ of the loss given to the edit prompts and paraphrases (0 < ρ < 1)."})
-    replay_batch: int = field(default=4, metadata={"help": "replay: edit examples per optimiser step."})
+    rho: float = field(default=0.1, metadata={"help": "replay, distill: share ρ of the loss given to the edit prompts and paraphrases (distill: and the neighbourhood prompts) (0 < ρ < 1)."})
+    replay_batch: int = field(default=4, metadata={"help": "replay, distill: edit examples per optimiser step (distill: as many neighbourhood prompts besides)."})
 
     def __post_init__(self) -> None:
         if self.method not in PRESERVE_METHODS:
@@ -201,6 +212,81 @@ class Replay(Preserver):
         return (1 - self.rho) * task_loss + self.rho * r
 
 
+class Distill(Preserver):
+    """(1 − ρ) · task loss + ρ · cross-entropy to the edited model's next-token
+    distributions (top k and the rest) on the edit prompts, paraphrases and
+    neighbourhood prompts."""
+
+    def __init__(self, model: nn.Module, tokenizer, facts: Sequence[FactRecord], rho: float, batch: int) -> None:
+        from ..evaluate.metrics import split_target
+
+        self.rho, self.batch = rho, batch
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.lm = model
+        self.device = next(model.parameters()).device
+        edit, neigh = [], []  # (ids, positions whose next-token distribution is kept)
+        for f in facts:
+            for prompt in (f.text, *f.paraphrases):
+                p_ids, t_ids = split_target(tokenizer, prompt, f.target_new)
+                ids = [*p_ids, *t_ids[:-1]]
+                edit.append((ids, list(range(len(p_ids) - 1, len(ids)))))
+            for nb in f.neighborhood:
+                ids = list(tokenizer(nb.prompt.rstrip())["input_ids"])  # as split_target tokenises a prompt
+                if ids:
+                    neigh.append((ids, [len(ids) - 1]))
+        if not edit:
+            raise EditdecayError("distill needs edited facts")
+        self.edit = self._teach(edit)
+        self.neigh = self._teach(neigh) if neigh else []
+        self.at_edit = self.at_neigh = 0
+
+    def _teach(self, rows):
+        """Each row with the edited model's top-k probabilities at its positions."""
+        out = []
+        was = self.lm.training
+        self.lm.eval()
+        try:
+            with torch.no_grad():
+                for i in range(0, len(rows), 16):
+                    chunk = rows[i : i + 16]
+                    logits = self._logits(chunk)
+                    for (ids, pos), lg in zip(chunk, logits):
+                        p, top = lg.float().softmax(-1).topk(min(DISTILL_TOPK, lg.shape[-1] - 1), dim=-1)
+                        out.append((ids, pos, top, torch.cat([p, (1 - p.sum(-1, keepdim=True)).clamp_min(0)], -1)))
+        finally:
+            self.lm.train(was)
+        return out
+
+    def _logits(self, rows) -> list[torch.Tensor]:
+        from ..editing.core import _pad
+
+        ids, mask = _pad([r[0] for r in rows], self.pad, self.device)  # right padding: positions from 0
+        logits = self.lm(input_ids=ids, attention_mask=mask).logits
+        return [logits[i, r[1]] for i, r in enumerate(rows)]
+
+    def _take(self, rows, at):
+        n = min(self.batch, len(rows))
+        return [rows[(at + i) % len(rows)] for i in range(n)], (at + n) % max(len(rows), 1)
+
+    def loss(self, model, task_loss):
+        e, self.at_edit = self._take(self.edit, self.at_edit)
+        nb, self.at_neigh = self._take(self.neigh, self.at_neigh)
+        rows = e + nb
+        ce = []
+        for (ids, pos, top, p), lg in zip(rows, self._logits([(r[0], r[1]) for r in rows])):
+            ce.append(-(p * coarse_log_probs(lg.float(), top)).sum(-1))
+        return (1 - self.rho) * task_loss + self.rho * torch.cat(ce).mean()
+
+
+def coarse_log_probs(logits: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """log q of the ``top`` tokens and, last, of all the others together ([n, k + 1]):
+    the cross-entropy to a teacher's coarse distribution is least where q equals it."""
+    lse = logits.logsumexp(-1, keepdim=True)
+    lq = logits.gather(-1, top) - lse
+    rest = torch.log(-torch.expm1((lq.logsumexp(-1, keepdim=True)).clamp_max(-1e-7)))
+    return torch.cat([lq, rest], -1)
+
+
 def make_preserver(cfg: PreserveConfig, model: nn.Module, tokenizer, facts: Sequence[FactRecord],
                    blocks: Sequence[int]) -> Preserver | None:
     """The trainer hooks of ``cfg`` for the (prepared, possibly peft-wrapped) ``model``;
@@ -211,6 +297,8 @@ def make_preserver(cfg: PreserveConfig, model: nn.Module, tokenizer, facts: Sequ
         raise EditdecayError(f"preserve method {cfg.method!r} needs the edited facts")
     if cfg.method == "replay":
         return Replay(model, tokenizer, facts, cfg.rho, cfg.replay_batch)
+    if cfg.method == "distill":
+        return Distill(model, tokenizer, facts, cfg.rho, cfg.replay_batch)
     if not blocks:
         raise EditdecayError(f"preserve method {cfg.method!r} needs the edited blocks: fine-tune a model saved by "
                              "'editdecay edit --save-model' (it records them) or name an editor's layers (layers_from)")

@@ -64,7 +64,7 @@ def preserve_section(d: StudyData):
     sid, title, src = meta(preserve_section)
     groups = preserve_groups(d)
     if not groups:
-        return _no_data(sid, title, src, "needs the preserve axis (anchor, nullspace, replay, freeze-edited) "
+        return _no_data(sid, title, src, "needs the preserve axis (anchor, nullspace, replay, distill, freeze-edited) "
                         "beside preserve: none on otherwise equal edit+ft trials")
     rows = []
     for plain, others in groups:

@@ -31,7 +31,7 @@ CONFIG_VERSION = 1
 #: Trial kinds in plan order (baselines first).
 KINDS = ("base", "zero-edit", "edit-only", "edit+ft")
 #: The PreserveConfig fields each preserve method reads.
-PRESERVE_FIELDS = {"anchor": ("mu",), "replay": ("rho", "replay_batch")}
+PRESERVE_FIELDS = {"anchor": ("mu",), "replay": ("rho", "replay_batch"), "distill": ("rho", "replay_batch")}
 
 
 # --- hashing --------------------------------------------------------------------------------
