@@ -110,6 +110,20 @@ def test_a_many_layer_edits_weak_block_is_found_by_its_shared_direction():
     assert 2 not in inspect_models(base, other).edited_blocks
 
 
+def test_edits_under_a_low_rank_fine_tune_are_counted_by_the_rank_beyond_it():
+    base = make_tiny_model("llama", num_hidden_layers=6)
+    suspect = copy.deepcopy(base)
+    _plant(suspect, 3, rank=1, scale=0.05)
+    _plant(suspect, 3, rank=2, scale=0.01, seed=4)  # two edits as weak as the fine-tune's directions
+    spec, g = get_arch(suspect), torch.Generator().manual_seed(3)
+    for block in range(6):  # a LoRA of rank 2 on every rewrite module
+        wo = spec.weight_out_in(suspect.get_submodule(spec.rewrite_module_name(block)))
+        with torch.no_grad():
+            wo.add_(0.01 * torch.randn(wo.shape[0], 2, generator=g) @ torch.randn(2, wo.shape[1], generator=g))
+    ins = inspect_models(base, suspect)
+    assert ins.edited_blocks == [3] and ins.blocks[3].rank == 5 and ins.n_edits == 3
+
+
 def test_unedit_restores_the_base_weights():
     base = make_tiny_model("llama")
     suspect = copy.deepcopy(base)

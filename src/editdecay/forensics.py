@@ -25,8 +25,10 @@ Verdict per block, in order:
    directions"), though its own σ₁ sinks in the fine-tuning background.
 
 The number of edits is the numerical rank of an isolated edit, or, after fine-tuning,
-the count of singular values above the fine-tuning background (a lower bound: the
-smallest directions of a many-fact edit sink below the background). Numerical rank
+the larger of the count of singular values above the fine-tuning background and the
+block's rank beyond the other blocks' median rank (a LoRA of rank r adds r directions):
+exact under a low-rank fine-tune, a lower bound under a dense one (the smallest
+directions of a many-fact edit sink below the background). Numerical rank
 counts σᵢ above the float round-off of the stored weights, ``10·eps·rms(W)·(√m+√n)``
 (W the larger of the two copies), and above ``RTOL·σ₁``.
 
@@ -223,6 +225,7 @@ def block_verdicts(modules: list[ModuleDiff], n_blocks: int, *, outlier_ratio: f
     changed_rw = [b for b, m in rw.items() if m is not None and m.changed]
     isolated = len(changed_rw) <= n_blocks / 2
     sigma1 = {b: rw[b].top_sv[0] for b in changed_rw}
+    ranks = {b: rw[b].rank for b in changed_rw}
     verdicts = []
     for b in range(n_blocks):
         ms = by_block[b]
@@ -244,12 +247,21 @@ def block_verdicts(modules: list[ModuleDiff], n_blocks: int, *, outlier_ratio: f
         ratio = sigma1[b] / bg if bg > 0 else math.inf
         if ratio >= outlier_ratio:
             n = sum(1 for s in r.top_sv if s >= outlier_ratio * bg) if bg > 0 else r.rank
+            n = max(n, r.rank - _background_rank(ranks, b))
             verdicts.append(BlockVerdict(b, "edited", ratio, r.rank, max(n, 1), changed, "spectral outlier"))
         else:
             verdicts.append(BlockVerdict(b, "fine-tuned", ratio, r.rank, 0, changed, "dense"))
     if deltas and not isolated:
-        _shared_direction_pass(verdicts, deltas, outlier_ratio)
+        _shared_direction_pass(verdicts, deltas, outlier_ratio, ranks)
     return verdicts
+
+
+def _background_rank(ranks: dict[int, int], block: int) -> int:
+    """The median numerical rank of the other changed blocks' rewrite diffs: a low-rank
+    fine-tune (LoRA r) adds that many directions to an edited block's diff, so the rank
+    beyond it counts edits (an edit under a dense fine-tune sinks into its full rank)."""
+    others = [r for b, r in ranks.items() if b != block]
+    return int(median(others)) if others else 0
 
 
 MAX_SHARED_DIRS = 32
@@ -269,7 +281,8 @@ def shared_direction_gains(deltas: dict[int, torch.Tensor], seeds: dict[int, int
     return {b: torch.linalg.svdvals(q.T @ d.double()) for b, d in deltas.items() if b not in seeds}
 
 
-def _shared_direction_pass(verdicts: list[BlockVerdict], deltas: dict[int, torch.Tensor], outlier_ratio: float) -> None:
+def _shared_direction_pass(verdicts: list[BlockVerdict], deltas: dict[int, torch.Tensor], outlier_ratio: float,
+                           ranks: dict[int, int]) -> None:
     """A many-layer edit (MEMIT, AlphaEdit) writes the same residual-stream directions at
     each of its layers, but under fine-tuning only its largest layers stand out by σ₁.
     Follow the outlier blocks' output directions into the other changed blocks: a block
@@ -284,7 +297,7 @@ def _shared_direction_pass(verdicts: list[BlockVerdict], deltas: dict[int, torch
         ratio = float(sv[0]) / bg if bg > 0 else math.inf
         v = verdicts[b]
         if ratio >= outlier_ratio and v.verdict == "fine-tuned":
-            n = int((sv >= outlier_ratio * bg).sum()) if bg > 0 else 1
+            n = max(int((sv >= outlier_ratio * bg).sum()) if bg > 0 else 1, v.rank - _background_rank(ranks, b))
             verdicts[b] = BlockVerdict(b, "edited", ratio, v.rank, max(n, 1), v.changed_modules,
                                        "shares the edit's directions")
 
