@@ -261,6 +261,18 @@ def test_preserve_section_compares_each_method_with_plain_finetuning(constructed
     d.close()
 
 
+def test_preserve_label_keeps_runs_of_one_method_with_other_settings_apart():
+    from editdecay.report.data import TrialInfo
+    from editdecay.report.preserve import preserve_label
+
+    def t(cfg, method):
+        return TrialInfo("k", "edit+ft", "done", {"finetune": {"preserve": cfg} if cfg else {}},
+                         {"preserve": method}, 1, [])
+
+    assert preserve_label(t({"method": "distill", "rho": 0.3, "replay_batch": 4}, "distill")) == "distill replay_batch=4 rho=0.3"
+    assert preserve_label(t(None, "none")) == "none" and preserve_label(t({"method": "nullspace"}, "nullspace")) == "nullspace"
+
+
 def test_spec_preserve_axis(tmp_path):
     base = {"name": "p", "axes": {"model": "m", "dataset": "builtin", "editor": ["none", "memit"], "n_edits": 2,
                                   "task": "unstructured", "ft_method": "lora", "layer_policy": "all",

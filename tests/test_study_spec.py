@@ -328,3 +328,10 @@ def test_packed_text_steps_are_priced_by_their_tokens():
     steps = max(d["finetune"]["budget"])  # the zero-edit baseline's one LoRA run
     assert secs(d) - small == pytest.approx(steps * 4 * 64 * cm.ft_token_s["lora"], abs=0.2)
     assert small == pytest.approx(steps * (cm.ft_fixed_s["lora"] + 4 * 64 * cm.ft_token_s["lora"]), abs=0.2)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_spec_expands(path):
+    """The shipped specs stay valid as the schema grows (no model, no data is read)."""
+    trials = StudySpec.from_yaml(path).expand()
+    assert trials and all(t.key for t in trials)

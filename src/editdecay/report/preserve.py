@@ -42,6 +42,14 @@ def seconds_per_step(d: StudyData, t: TrialInfo) -> float:
     return sum(secs) / sum(steps) if secs and steps and sum(steps) else math.nan
 
 
+def preserve_label(t: TrialInfo) -> str:
+    """The method with its settings (``distill rho=0.3``), so that two runs of one method
+    with different settings stay apart."""
+    cfg = (t.config.get("finetune") or {}).get("preserve") or {}
+    extra = " ".join(f"{k}={v}" for k, v in sorted(cfg.items()) if k != "method")
+    return f"{t.preserve} {extra}".strip() if t.preserve else "none"
+
+
 def preserve_groups(d: StudyData) -> list[tuple[TrialInfo, list[TrialInfo]]]:
     """(plain trial, [preserving trials]) for every group that has both."""
     trials = d.of_kind("edit+ft")
@@ -79,7 +87,7 @@ def preserve_section(d: StudyData):
             loss = final_val(d, t)
             rel = 100 * (loss - base_loss) / base_loss if base_loss and not math.isnan(loss) else math.nan
             sps = seconds_per_step(d, t)
-            rows.append([plain.label if t is plain else f"  {t.preserve}", t.preserve,
+            rows.append([plain.label if t is plain else f"  {t.preserve}", preserve_label(t),
                          fmt(d.rate(t.key, "edit", "retained", "finetuned")),
                          fmt(gain, n=False) + (f" (p={fmt_p(p)})" if defined(gain) else ""),
                          fmt(d.intrinsic(t, "finetuned")),
