@@ -13,9 +13,10 @@ selection, 200 intrinsic facts beside them). Given that study's ``--db`` and
   (:func:`editdecay.forensics.unedit`, the base known), no fine-tuning;
 - ``lora``: the study's LoRA/all run on the edited model (100 steps of 4 × 64 C4 tokens,
   lr 4e-3), adapters merged;
+- ``base+lora``: the unedited model under the same fine-tuning (the intrinsic retention
+  a removal should come back to);
 - ``lora+unedit``: ``unedit`` of that fine-tuned model against the base (a suspect that
-  was fine-tuned after the edit); compare its intrinsic retention with the zero-edit
-  baseline's after the same fine-tuning (the study's ``none`` LoRA/all trial).
+  was fine-tuned after the edit); compare its intrinsic retention with ``base+lora``'s.
 
 With the ``lora`` row, the re-edit cost (issue 18, seed 001's argument): MEMIT re-applies
 only the decayed edits to the fine-tuned model (:func:`editdecay.editing.protocols.reedit`)
@@ -110,6 +111,10 @@ def main(argv=None) -> None:
     task = load_task("unstructured", tok, data, model=base, n_val=16, block_size=64, seed=0,
                      exclude_facts=list(edit) + list(intrinsic))
     p = get_preset("cpu-unstructured", method="lora", lr=4e-3, max_steps=100, batch_size=4, block_size=64, n_val=16, stop=[])
+    ref = finetune(copy.deepcopy(base), tok, task, p, progress=True)  # the unedited model under the same fine-tuning
+    ref_lm = ref.model.merge_and_unload() if hasattr(ref.model, "merge_and_unload") else ref.lm
+    row("base+lora", ref_lm.eval(), steps=ref.log.steps)
+    del ref, ref_lm
     t = time.perf_counter()
     res = finetune(edited, tok, task, p, progress=True)
     ft_s = time.perf_counter() - t
