@@ -18,11 +18,13 @@ Verdict per block, in order:
 3. Otherwise (many blocks changed: fine-tuning): ``edited`` when σ₁ of the block's rewrite
    diff is at least ``outlier_ratio`` times the median σ₁ of the other changed blocks'
    rewrite diffs, else ``fine-tuned``. Score: that ratio.
-4. Then (fine-tuning only) the edited blocks' output directions are followed into the
-   other blocks: a many-layer edit (MEMIT) writes the same residual-stream directions at
-   every one of its layers, so a block whose diff has ``outlier_ratio`` times the median
-   gain ‖UᵀΔW‖₂ along them (U: those directions) is ``edited`` too ("shares the edit's
-   directions"), though its own σ₁ sinks in the fine-tuning background.
+4. Then (fine-tuning only) the window grows from the outlier blocks: a many-layer edit
+   (MEMIT) writes the same residual-stream directions at every block of a contiguous
+   window, so a *neighbouring* block whose diff has ``outlier_ratio`` times the median
+   gain ‖UᵀΔW‖₂ along them (U: the outlier blocks' top output directions) is ``edited``
+   too ("shares the edit's directions"), though its own σ₁ sinks in the fine-tuning
+   background; far blocks are not followed (a fine-tune can share a direction with the
+   edit by chance).
 
 The number of edits is the numerical rank of an isolated edit, or, after fine-tuning,
 the larger of the count of singular values above the fine-tuning background and the
@@ -284,22 +286,34 @@ def shared_direction_gains(deltas: dict[int, torch.Tensor], seeds: dict[int, int
 def _shared_direction_pass(verdicts: list[BlockVerdict], deltas: dict[int, torch.Tensor], outlier_ratio: float,
                            ranks: dict[int, int]) -> None:
     """A many-layer edit (MEMIT, AlphaEdit) writes the same residual-stream directions at
-    each of its layers, but under fine-tuning only its largest layers stand out by σ₁.
-    Follow the outlier blocks' output directions into the other changed blocks: a block
-    whose diff has ``outlier_ratio`` times the median gain along them is edited too."""
+    each block of a contiguous window, but under fine-tuning only its largest blocks stand
+    out by σ₁. Grow the window from the outlier blocks: a neighbouring block whose diff
+    has ``outlier_ratio`` times the other blocks' median gain along their output
+    directions is edited too. Only neighbours: a far block can share a direction by
+    chance (the residual stream's outlier dimensions draw edits and fine-tunes alike)."""
     seeds = {v.block: v.n_edits for v in verdicts if v.verdict == "edited" and v.block in deltas}
     if not seeds:
         return
     gains = shared_direction_gains(deltas, seeds)
+    ratios, counts = {}, {}
     for b, sv in gains.items():
         others = [float(x[0]) for o, x in gains.items() if o != b]
         bg = median(others) if others else 0.0
-        ratio = float(sv[0]) / bg if bg > 0 else math.inf
-        v = verdicts[b]
-        if ratio >= outlier_ratio and v.verdict == "fine-tuned":
-            n = max(int((sv >= outlier_ratio * bg).sum()) if bg > 0 else 1, v.rank - _background_rank(ranks, b))
-            verdicts[b] = BlockVerdict(b, "edited", ratio, v.rank, max(n, 1), v.changed_modules,
+        ratios[b] = float(sv[0]) / bg if bg > 0 else math.inf
+        counts[b] = int((sv >= outlier_ratio * bg).sum()) if bg > 0 else 1
+    window = set(seeds)
+    grown = True
+    while grown:
+        grown = False
+        for b in sorted({w + 1 for w in window} | {w - 1 for w in window}):
+            v = verdicts[b] if 0 <= b < len(verdicts) else None
+            if v is None or b in window or v.verdict != "fine-tuned" or ratios.get(b, 0.0) < outlier_ratio:
+                continue
+            n = max(counts[b], v.rank - _background_rank(ranks, b))
+            verdicts[b] = BlockVerdict(b, "edited", ratios[b], v.rank, max(n, 1), v.changed_modules,
                                        "shares the edit's directions")
+            window.add(b)
+            grown = True
 
 
 def match_facts(model: nn.Module, tokenizer, facts: Sequence[FactRecord], deltas: dict[int, torch.Tensor],
