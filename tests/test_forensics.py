@@ -109,6 +109,11 @@ def test_a_many_layer_edits_weak_block_is_found_by_its_shared_direction():
     _perturb_all(other, 0.01)
     assert 2 not in inspect_models(base, other).edited_blocks
 
+    far = copy.deepcopy(base)  # the same direction in a block outside the window: not followed
+    _memit_like(far, {0: 1.5e-4, 4: 5e-4, 5: 5e-4})
+    _perturb_all(far, 0.01)
+    assert inspect_models(base, far).edited_blocks == [4, 5]
+
 
 def test_edits_under_a_low_rank_fine_tune_are_counted_by_the_rank_beyond_it():
     base = make_tiny_model("llama", num_hidden_layers=6)
