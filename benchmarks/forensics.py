@@ -74,7 +74,8 @@ def row_for(base, suspect, tok, edited_facts, decoys, truth_blocks, **extra) -> 
         "block_recall": len(found & truth) / len(truth),
         "false_blocks": len(found - truth),
         "n_edits_est": ins.n_edits,
-        "fact_recall_at_n": sum(c in ids for c in top) / len(ids),
+        # no edited block found: nothing to match the candidates against (ties, not evidence)
+        "fact_recall_at_n": sum(c in ids for c in top) / len(ids) if found else None,
         "n_candidates": len(ins.facts),
         "answers_changed_edited": sum(bool(m.answer_changed) for m in changed) / len(changed),
         "answers_changed_decoys": sum(bool(m.answer_changed) for m in ins.facts if m.case_id not in ids) / max(len(decoys), 1),
