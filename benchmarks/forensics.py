@@ -26,6 +26,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from .common import SHARED, decay_selection, study_edit
 
 GRID = [("rome", 1), ("rome", 10), ("memit", 1), ("memit", 10), ("memit", 100),
@@ -40,17 +42,22 @@ def fine_tune(model, tok, task, method: str):
     lr = 2e-3 if method == "lora" else 5e-5
     p = get_preset("cpu-unstructured", method=method, lr=lr, max_steps=40, batch_size=4, block_size=64, n_val=16, stop=[])
     res = finetune(model, tok, task, p, progress=False)
-    lm = res.model.merge_and_unload() if hasattr(res.model, "merge_and_unload") else res.lm
-    return lm.eval(), res.log.seconds
+    return res.merged().eval(), res.log.seconds
 
 
 def save_diffs(path: Path, base, suspect, truth) -> None:
-    """The rewrite-module diffs (out × in, fp16) by block, and the edited blocks."""
+    """The changed rewrite-module diffs (out × in, fp16) by block, and the edited blocks
+    (a subtraction per block: the inspection's spectra are not needed again)."""
     from safetensors.torch import save_file
 
-    from editdecay.forensics import diff_modules
+    from editdecay.models.arch import get_arch
 
-    _, deltas = diff_modules(base, suspect)
+    spec, deltas = get_arch(base), {}
+    for b in range(spec.num_blocks(base)):
+        name = spec.rewrite_module_name(b)
+        d = (spec.weight_out_in(suspect.get_submodule(name)) - spec.weight_out_in(base.get_submodule(name))).detach().float().cpu()
+        if torch.any(d):
+            deltas[b] = d
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({str(b): d.half().contiguous() for b, d in deltas.items()}, str(path),
               metadata={"truth": json.dumps(sorted(truth))})

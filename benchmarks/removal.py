@@ -112,14 +112,12 @@ def main(argv=None) -> None:
                      exclude_facts=list(edit) + list(intrinsic))
     p = get_preset("cpu-unstructured", method="lora", lr=4e-3, max_steps=100, batch_size=4, block_size=64, n_val=16, stop=[])
     ref = finetune(copy.deepcopy(base), tok, task, p, progress=True)  # the unedited model under the same fine-tuning
-    ref_lm = ref.model.merge_and_unload() if hasattr(ref.model, "merge_and_unload") else ref.lm
-    row("base+lora", ref_lm.eval(), steps=ref.log.steps)
-    del ref, ref_lm
+    row("base+lora", ref.merged().eval(), steps=ref.log.steps)
+    del ref
     t = time.perf_counter()
     res = finetune(edited, tok, task, p, progress=True)
     ft_s = time.perf_counter() - t
-    lm = res.model.merge_and_unload() if hasattr(res.model, "merge_and_unload") else res.lm
-    lm.eval()
+    lm = res.merged().eval()
     row("lora", lm, finetune_s=round(ft_s, 1), steps=res.log.steps)
     reedit_doc = None
     if not args.no_reedit:  # seed 001's cost argument: re-apply the decayed edits vs edit all from scratch

@@ -177,18 +177,24 @@ def _project(m: torch.Tensor, q: torch.Tensor, conv1d: bool) -> torch.Tensor:
     return m - (m @ q) @ q.T
 
 
+def _edit_rows(tokenizer, facts: Sequence[FactRecord]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, new-object ids) of every fact's rewrite prompt and paraphrases."""
+    from ..evaluate.metrics import split_target
+
+    return [split_target(tokenizer, prompt, f.target_new) for f in facts for prompt in (f.text, *f.paraphrases)]
+
+
+def _cycle(rows: list, at: int, n: int) -> tuple[list, int]:
+    """``n`` rows from position ``at`` on, wrapping round, and the next position."""
+    return [rows[(at + i) % len(rows)] for i in range(n)], (at + n) % max(len(rows), 1)
+
+
 class Replay(Preserver):
     """(1 − ρ) · task loss + ρ · LM loss of the edit prompts' new objects."""
 
     def __init__(self, model: nn.Module, tokenizer, facts: Sequence[FactRecord], rho: float, batch: int) -> None:
-        from ..evaluate.metrics import split_target
-
         self.rho, self.batch, self.at = rho, batch, 0
-        self.rows = []
-        for f in facts:
-            for prompt in (f.text, *f.paraphrases):
-                p_ids, t_ids = split_target(tokenizer, prompt, f.target_new)
-                self.rows.append((p_ids, t_ids))
+        self.rows = _edit_rows(tokenizer, facts)
         if not self.rows:
             raise EditdecayError("replay needs edited facts")
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -198,8 +204,7 @@ class Replay(Preserver):
     def next_batch(self) -> dict[str, torch.Tensor]:
         from ..editing.core import _pad
 
-        rows = [self.rows[(self.at + i) % len(self.rows)] for i in range(self.batch)]
-        self.at = (self.at + self.batch) % len(self.rows)
+        rows, self.at = _cycle(self.rows, self.at, self.batch)
         ids, mask = _pad([[*p, *t] for p, t in rows], self.pad, self.device)  # right padding: positions from 0
         labels = torch.full_like(ids, -100)
         for i, (p, t) in enumerate(rows):
@@ -218,22 +223,17 @@ class Distill(Preserver):
     neighbourhood prompts."""
 
     def __init__(self, model: nn.Module, tokenizer, facts: Sequence[FactRecord], rho: float, batch: int) -> None:
-        from ..evaluate.metrics import split_target
-
         self.rho, self.batch = rho, batch
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.lm = model
         self.device = next(model.parameters()).device
-        edit, neigh = [], []  # (ids, positions whose next-token distribution is kept)
-        for f in facts:
-            for prompt in (f.text, *f.paraphrases):
-                p_ids, t_ids = split_target(tokenizer, prompt, f.target_new)
-                ids = [*p_ids, *t_ids[:-1]]
-                edit.append((ids, list(range(len(p_ids) - 1, len(ids)))))
-            for nb in f.neighborhood:
-                ids = list(tokenizer(nb.prompt.rstrip())["input_ids"])  # as split_target tokenises a prompt
-                if ids:
-                    neigh.append((ids, [len(ids) - 1]))
+        # (ids, positions whose next-token distribution is kept): every target token, teacher-forced
+        edit = [([*p, *t[:-1]], list(range(len(p) - 1, len(p) + len(t) - 1))) for p, t in _edit_rows(tokenizer, facts)]
+        neigh = []
+        for nb in (nb for f in facts for nb in f.neighborhood):
+            ids = list(tokenizer(nb.prompt.rstrip())["input_ids"])  # as split_target tokenises a prompt
+            if ids:
+                neigh.append((ids, [len(ids) - 1]))
         if not edit:
             raise EditdecayError("distill needs edited facts")
         self.edit = self._teach(edit)
@@ -264,13 +264,9 @@ class Distill(Preserver):
         logits = self.lm(input_ids=ids, attention_mask=mask).logits
         return [logits[i, r[1]] for i, r in enumerate(rows)]
 
-    def _take(self, rows, at):
-        n = min(self.batch, len(rows))
-        return [rows[(at + i) % len(rows)] for i in range(n)], (at + n) % max(len(rows), 1)
-
     def loss(self, model, task_loss):
-        e, self.at_edit = self._take(self.edit, self.at_edit)
-        nb, self.at_neigh = self._take(self.neigh, self.at_neigh)
+        e, self.at_edit = _cycle(self.edit, self.at_edit, min(self.batch, len(self.edit)))
+        nb, self.at_neigh = _cycle(self.neigh, self.at_neigh, min(self.batch, len(self.neigh)))
         rows = e + nb
         ce = []
         for (ids, pos, top, p), lg in zip(rows, self._logits([(r[0], r[1]) for r in rows])):

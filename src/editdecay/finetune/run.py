@@ -46,6 +46,11 @@ class FinetuneResult:
         """The language model with the fine-tuned weights or adapters in place."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
+    def merged(self) -> nn.Module:
+        """The language model with LoRA/DoRA adapters merged into its weights (in place,
+        the wrapper is gone after); a fully fine-tuned model as it is."""
+        return self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.lm
+
     def to_json(self) -> dict[str, Any]:
         return {**self.log.to_json(), "blocks": self.blocks, "base": self.base_metrics, "preset": self.preset,
                 "task": self.task_info, "seconds": round(self.log.seconds, 2), "tokens": self.log.tokens,

@@ -323,7 +323,7 @@ class Worker:
             rows.drift(drift_from_states(drift_states, position=drift_cfg.get("position", "last")), len(drift_prompts))
         rd = cfg["evaluate"].get("reedit")
         if rd and edit and result is not None:
-            lm = result.model.merge_and_unload() if hasattr(result.model, "merge_and_unload") else final_model
+            lm = result.merged()  # final_model is result.lm
             result = None  # the adapters are merged: the weights are restored by run_unit
             info["reedit"] = _reedit(lm, tok, sets.edit, edit, rd, overrides, probe_cfg.get("mode", "greedy"))
             rows.metric("reedit_seconds", info["reedit"]["reedit"]["seconds"], stage="reedited")
